@@ -1,0 +1,1 @@
+"""Subcommands of the ``metasep`` CLI, one module each (see ``pipeline.cli``)."""
