@@ -116,8 +116,10 @@ class TCNBlock(nn.Module):
         self.conv1d = conv1d(generated, E_1, E_2, B, H, 1)
         self.norm_2 = group_norm(generated, E_1, E_2, 8, H)
         self.prelu_2 = nn.PReLU()
+        # "Same" padding; equals the release's padding=dilation for its kernel size 3.
+        padding = dilation * (config.kernel - 1) // 2
         self.dconv1d = conv1d(
-            generated, E_1, E_2, H, H, config.kernel, dilation=dilation, padding=dilation, groups=H
+            generated, E_1, E_2, H, H, config.kernel, dilation=dilation, padding=padding, groups=H
         )
         self.res_out = conv1d(generated, E_1, E_2, H, B, 1, bias=bias)
         self.skip_out = conv1d(generated, E_1, E_2, H, B, 1, bias=bias)
