@@ -137,8 +137,9 @@ def _write_cache(
         audio = audio[:, : base * 2**i].reshape(4, 2, -1)
         mono_mix = audio.sum(0).mean(0)
         audio = audio / max(float(mono_mix.std()), 1e-8)
-        np.save(folder / f"stage{i}.tmp.npy", audio.astype(np.float32))
-        os.replace(folder / f"stage{i}.tmp.npy", folder / f"stage{i}.npy")
+        partial = folder / f"stage{i}.{os.getpid()}.tmp.npy"  # unique: runs may share a cache
+        np.save(partial, audio.astype(np.float32))
+        os.replace(partial, folder / f"stage{i}.npy")
     (folder / "done").write_text(source.name)
 
 
