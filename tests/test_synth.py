@@ -263,3 +263,13 @@ def test_listening_picture(tmp_path, dataset, rows):
     picture = plot_track(dataset / rows[0]["path"], rows[0], tmp_path / "track.png")
     data = picture.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
+
+
+def test_unreadable_index_stops_the_run_before_rendering(tmp_path, capsys):
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "index.parquet").write_text("not parquet")
+    assert synth(out, tracks=1, seconds=2) == 1
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "not a readable index" in error
+    assert not (out / "train").exists()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import multiprocessing
 import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,39 +92,58 @@ def write_dataset(
     """
     started = time.perf_counter()
     jobs = [
-        TrackJob(out, split, track_name(split, seed, i), i, seed, track_seed(seed, split, i), seconds, float32)
-        for i in range(tracks)
-    ]  # fmt: skip
+        TrackJob(
+            out=out,
+            split=split,
+            name=track_name(split, seed, index),
+            index=index,
+            base_seed=seed,
+            seed=track_seed(seed, split, index),
+            seconds=seconds,
+            float32=float32,
+        )
+        for index in range(tracks)
+    ]
+    _read_rows(out / INDEX_NAME)  # an unreadable index stops the run before anything is rendered
     rows: list[dict[str, Any]] = []
     try:
-        with tqdm(
-            total=len(jobs), unit="track", desc=f"synth {split}", disable=not progress
-        ) as bar:
-            if workers <= 1 or len(jobs) == 1:
-                for job in jobs:
-                    rows.append(build_track(job, synth))
-                    bar.update()
-            else:
-                context = multiprocessing.get_context("spawn")
-                with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
-                    futures = [pool.submit(build_track, job, synth) for job in jobs]
-                    try:
-                        for future in as_completed(futures):
-                            rows.append(future.result())
-                            bar.update()
-                    finally:
-                        for future in futures:
-                            future.cancel()
+        progress_bar = tqdm(
+            _rendered(jobs, synth, workers),
+            total=len(jobs),
+            unit="track",
+            desc=f"synth {split}",
+            disable=not progress,
+        )
+        for row in progress_bar:
+            rows.append(row)
     finally:
-        index_rows = update_index(out, rows) if rows else _index_rows(out)
+        if rows:
+            update_index(out, rows)
         _remove_if_empty(out / TEMP_DIR)
     return DatasetSummary(
         tracks=len(rows),
         seconds=time.perf_counter() - started,
         split_dir=out / split,
         index_path=out / INDEX_NAME,
-        index_rows=index_rows,
+        index_rows=pq.ParquetFile(out / INDEX_NAME).metadata.num_rows,
     )
+
+
+def _rendered(jobs: list[TrackJob], synth: Synthesizer, workers: int) -> Iterator[dict[str, Any]]:
+    """The index rows of ``jobs`` as tracks complete, rendered by ``workers`` processes."""
+    if workers <= 1 or len(jobs) == 1:
+        for job in jobs:
+            yield build_track(job, synth)
+        return
+    context = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+        futures = [pool.submit(build_track, job, synth) for job in jobs]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        finally:
+            for future in futures:
+                future.cancel()
 
 
 def build_track(job: TrackJob, synth: Synthesizer) -> dict[str, Any]:
@@ -233,8 +253,8 @@ def index_row(job: TrackJob, plan: TrackPlan, synth: Synthesizer, samples: int) 
     return row
 
 
-def update_index(out: Path, rows: list[dict[str, Any]]) -> int:
-    """Add ``rows`` to ``out/index.parquet``, replacing rows of the same track; returns its size."""
+def update_index(out: Path, rows: list[dict[str, Any]]) -> None:
+    """Add ``rows`` to ``out/index.parquet``, replacing older rows of the same tracks."""
     path = out / INDEX_NAME
     replaced = {(row["split"], row["name"]) for row in rows}
     kept = [row for row in _read_rows(path) if (row["split"], row["name"]) not in replaced]
@@ -242,7 +262,6 @@ def update_index(out: Path, rows: list[dict[str, Any]]) -> int:
     partial = path.with_name(f".{INDEX_NAME}.partial")
     pq.write_table(pa.Table.from_pylist(merged), partial)
     partial.replace(path)
-    return len(merged)
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
@@ -252,11 +271,6 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
         return pq.read_table(path).to_pylist()
     except (pa.ArrowException, OSError) as error:
         raise SynthError(f"{path} exists but is not a readable index: {error}") from None
-
-
-def _index_rows(out: Path) -> int:
-    path = out / INDEX_NAME
-    return pq.ParquetFile(path).metadata.num_rows if path.exists() else 0
 
 
 def _move_into_place(work: Path, final: Path) -> None:

@@ -315,13 +315,15 @@ def _chords(
         slot /= 2  # slow tempo: two chords a bar
     seventh_chance = 0.85 if style == "jazz" else 0.15
     family = PROGRESSIONS[mode]
-    verse, chorus, other = (family[int(i)] for i in rng.choice(len(family), 3, replace=True))
+    verse, chorus, breakdown = (family[int(i)] for i in rng.choice(len(family), 3, replace=False))
+    intro = chorus if rng.random() < 0.5 else verse
     degrees_of = {
+        "intro": intro,
         "verse": verse,
         "chorus": chorus,
-        "intro": chorus if rng.random() < 0.5 else verse,
+        "breakdown": breakdown,
+        "outro": chorus,
     }
-    degrees_of |= {"breakdown": other, "outro": chorus}
     voiced: dict[str, list[tuple[int, tuple[int, ...]]]] = {}
     for name, degrees in degrees_of.items():
         voiced[name] = []

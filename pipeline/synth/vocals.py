@@ -117,8 +117,8 @@ def _tune(
                 last = stop - (beat + duration) < 0.5
                 if last:
                     duration = stop - beat
-                pitch = _next_pitch(rng, plan, section, scale, pitch, center, beat, last,
-                                    (beat - start) / (stop - start))  # fmt: skip
+                progress = (beat - start) / (stop - start)
+                pitch = _next_pitch(rng, plan, section, scale, pitch, center, beat, last, progress)
                 notes.append(
                     SungNote(beat, duration * 0.94 if last else duration - 0.04, pitch, last)
                 )
