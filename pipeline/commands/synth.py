@@ -13,7 +13,7 @@ from pipeline.synth import SPLITS, SynthError, find_synthesizer, write_dataset
 from pipeline.synth.render import DEFAULT_SOUNDFONTS, SOUNDFONT_PACKAGE
 
 MAX_TRACKS = 100_000
-SECONDS_RANGE = (1.0, 3600.0)
+SECONDS_RANGE = (1.0, 600.0)  # a 10-minute track already needs ~2.5 GB while it is levelled
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,20 +25,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "{mixture,drums,bass,other,vocals}.wav (44.1 kHz stereo, the mixture the exact sum of "
         "the stems) and OUT/index.parquet. The same seed gives the same files.",
     )
-    parser.add_argument("out", type=Path, help="dataset folder (created if needed)")
-    parser.add_argument("--tracks", type=int, required=True, help="number of tracks to render")
-    parser.add_argument("--seconds", type=float, required=True, help="length of every track")
-    parser.add_argument("--seed", type=int, required=True, help="seed of the run (0 or more)")
+    parser.add_argument("out", type=Path, metavar="OUT", help="dataset folder (created if needed)")
+    parser.add_argument(
+        "--tracks", type=int, required=True, metavar="N", help="number of tracks to render"
+    )
+    parser.add_argument(
+        "--seconds", type=float, required=True, metavar="S", help="length of every track"
+    )
+    parser.add_argument(
+        "--seed", type=int, required=True, metavar="K", help="seed of the run (0 or more)"
+    )
     parser.add_argument("--split", choices=SPLITS, default="train", help="default: train")
     parser.add_argument(
         "--soundfont",
         type=Path,
+        metavar="PATH",
         help=f"General MIDI .sf2 file (default: {DEFAULT_SOUNDFONTS[0]}, from {SOUNDFONT_PACKAGE})",
     )
     parser.add_argument(
         "--workers",
         type=int,
         default=len(os.sched_getaffinity(0)),
+        metavar="W",
         help="tracks rendered in parallel (default: the number of cores)",
     )
     parser.add_argument(
