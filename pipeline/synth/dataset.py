@@ -280,7 +280,10 @@ def _move_into_place(work: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
         work.rename(final)
-        shutil.rmtree(old)
+        if old.is_dir():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
     else:
         work.rename(final)
 

@@ -86,11 +86,13 @@ def find_synthesizer(soundfont: Path | None = None, effects: bool = False) -> Sy
                 f"{SOUNDFONT_PACKAGE} (apt-get install {SOUNDFONT_PACKAGE}) or pass --soundfont PATH"
             )
         soundfont = found[0]
-    elif not soundfont.is_file():
+    elif not soundfont.exists():
         raise SynthError(
             f"SoundFont {soundfont} does not exist: pass an existing .sf2 file, or install the "
             f"Debian package {SOUNDFONT_PACKAGE} for {DEFAULT_SOUNDFONTS[0]}"
         )
+    elif not soundfont.is_file():
+        raise SynthError(f"SoundFont {soundfont} is not a file")
     _check_soundfont(soundfont)
     return Synthesizer(executable, soundfont.resolve(), effects)
 

@@ -158,7 +158,12 @@ def _next_pitch(
 
 
 def _sing(
-    part: Part, note: Note, phrase_end: bool, singer: Singer, seconds_per_beat: float, rng
+    part: Part,
+    note: Note,
+    phrase_end: bool,
+    singer: Singer,
+    seconds_per_beat: float,
+    rng: np.random.Generator,
 ) -> None:
     """Pitch bends (scoop, vibrato, fall) and an expression swell for one sung note."""
     seconds = (note.end - note.start) * seconds_per_beat
