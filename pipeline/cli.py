@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("convert", "demo", "train")
+COMMANDS = ("convert", "demo", "synth", "train")
 
 
 class UsageError(Exception):
