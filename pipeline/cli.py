@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("convert", "demo", "synth", "train")
+COMMANDS = ("benchmark", "convert", "demo", "synth", "train")
 
 
 class UsageError(Exception):
