@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("convert", "demo")
+COMMANDS = ("convert", "demo", "separate", "bench")
 
 
 class UsageError(Exception):

@@ -26,7 +26,9 @@ def release_file(path, model: MultiTasNet, **extra) -> None:
     args = argparse.Namespace(**model.config.to_dict(), batch_size=4, train_data="data/train")
     args.stages_num = args.stages
     del args.stages
-    torch.save({"epoch": 3, "steps": 120, "state_dict": model.state_dict(), "args": args, **extra}, path)
+    torch.save(
+        {"epoch": 3, "steps": 120, "state_dict": model.state_dict(), "args": args, **extra}, path
+    )
 
 
 def test_own_format_round_trip_gives_identical_output(tmp_path):
