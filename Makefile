@@ -5,8 +5,10 @@ BIN := $(VENV)/bin
 # CPU machines take the CPU build of torch first so that no dependency pulls a multi-GB CUDA
 # build. On a GPU machine: make TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"
 TORCH_SPEC ?= torch==2.13.0
-APT_PACKAGES := ffmpeg
-SYSTEM_TOOLS := ffmpeg ffprobe
+APT_PACKAGES := ffmpeg fluidsynth fluid-soundfont-gm
+SYSTEM_TOOLS := ffmpeg ffprobe fluidsynth
+# The General MIDI SoundFont `metasep synth` renders with (Debian package fluid-soundfont-gm).
+SOUNDFONT := /usr/share/sounds/sf2/FluidR3_GM.sf2
 
 .PHONY: run test lint format system-deps clean
 
@@ -28,6 +30,7 @@ format: $(VENV)/.installed-dev
 
 system-deps:
 	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
+	[ -f $(SOUNDFONT) ] || missing="$$missing $(SOUNDFONT)"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = "0" ]; then \
 	    echo "installing system packages: $(APT_PACKAGES)"; \

@@ -47,6 +47,26 @@ class TasNetConfig:
     dissimilarity_loss_weight: float = 3.0
     similarity_loss_weight: float = 2.0
 
+    def __post_init__(self) -> None:
+        problems = []
+        if self.kernel % 2 == 0:
+            problems.append(f"kernel must be odd (got {self.kernel})")
+        for name in ("N", "B", "H"):
+            if getattr(self, name) % 8:
+                problems.append(f"{name} must be a multiple of 8 for GroupNorm(8)")
+        if self.N % 4:
+            problems.append("N must be a multiple of 4 (the encoder has N/4 channels per filter)")
+        if self.sampling_rate % 8000:
+            problems.append("sampling_rate must be a multiple of 8000 (STFT sizes scale with it)")
+        if (4 * self.sampling_rate) % self.L or self.L < self.W or (self.L - self.W) % 2:
+            problems.append(
+                "L must divide 4 * sampling_rate, be >= W and differ from W by an even number"
+            )
+        if self.stages < 1 or self.filters < 1:
+            problems.append("stages and filters must be at least 1")
+        if problems:
+            raise ValueError("invalid TasNetConfig: " + "; ".join(problems))
+
     @property
     def top_rate(self) -> int:
         """Sampling rate of the last stage, the rate of the separated output."""

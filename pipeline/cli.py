@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("convert", "demo", "separate", "bench")
+COMMANDS = ("bench", "benchmark", "convert", "demo", "separate", "synth", "train")
 
 
 class UsageError(Exception):

@@ -1,0 +1,1 @@
+"""Training Meta-TasNet: data sampling, optimiser, the loop, and Ray Train distribution."""

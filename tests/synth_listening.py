@@ -1,0 +1,81 @@
+"""Listening-check picture of a synthetic track: the mixture's spectrogram over the stems' levels.
+
+    python tests/synth_listening.py OUT/index.parquet TRACK_NAME picture.png
+
+Sections from the index are marked on both panels, with the stems that play in each, so one can
+see at a glance that every stem sounds where the plan says and nowhere else.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pyarrow.parquet as pq
+
+from model import STEMS
+from pipeline.audio import read_audio
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+FRAME_SECONDS = 0.05
+COLOURS = {"drums": "tab:red", "bass": "tab:blue", "other": "tab:green", "vocals": "tab:purple"}
+
+
+def stem_levels(audio: np.ndarray, rate: int) -> tuple[np.ndarray, np.ndarray]:
+    """RMS level in dBFS of consecutive 50 ms frames of (channels, samples) audio."""
+    frame = round(FRAME_SECONDS * rate)
+    count = audio.shape[1] // frame
+    frames = audio[:, : count * frame].reshape(audio.shape[0], count, frame)
+    rms = np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=(0, 2)))
+    return (np.arange(count) + 0.5) * FRAME_SECONDS, 20 * np.log10(np.maximum(rms, 1e-6))
+
+
+def plot_track(track_dir: Path, row: dict, picture: Path) -> Path:
+    """Write ``picture``: spectrogram of ``track_dir``/mixture.wav, stem levels, sections."""
+    mixture, rate = read_audio(track_dir / "mixture.wav")
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(14, 8), sharex=True)
+    mono = mixture.mean(axis=0)
+    top.specgram(mono, NFFT=2048, Fs=rate, noverlap=1536, cmap="magma", vmin=-130, vmax=-20)
+    top.set_ylim(0, 8000)
+    top.set_ylabel("Hz")
+    top.set_title(
+        f"{row['name']}: {row['style']}, {row['tempo']:.0f} bpm {row['meter']}, {row['key']}; "
+        f"other={row['other_roles']} {row['other_programs']}, vocals={row['vocals_programs']}"
+    )
+    for stem in STEMS:
+        audio, _ = read_audio(track_dir / f"{stem}.wav")
+        times, levels = stem_levels(audio, rate)
+        bottom.plot(times, levels, label=stem, color=COLOURS[stem], linewidth=1)
+    bottom.set_ylim(-90, 0)
+    bottom.set_ylabel("RMS dBFS (50 ms)")
+    bottom.set_xlabel("seconds")
+    bottom.legend(loc="lower right", ncol=4)
+    for number, section in enumerate(row["sections"]):
+        for axis in (top, bottom):
+            axis.axvline(section["start"], color="white" if axis is top else "black", linewidth=1)
+        if number % 2:
+            bottom.axvspan(section["start"], section["end"], color="0.92", zorder=0)
+        playing = "+".join(stem[0].upper() for stem in section["stems"])
+        bottom.text(
+            section["start"] + 0.1, -6, f"{section['name']}\n{playing}", va="top", fontsize=9
+        )
+    figure.tight_layout()
+    figure.savefig(picture, dpi=80)
+    plt.close(figure)
+    return picture
+
+
+def main(index_path: str, name: str, picture: str) -> None:
+    index = Path(index_path)
+    rows = [row for row in pq.read_table(index).to_pylist() if row["name"] == name]
+    if not rows:
+        raise SystemExit(f"{name} is not in {index}")
+    plot_track(index.parent / rows[0]["path"], rows[0], Path(picture))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,66 @@
+"""Scoring equals museval: per-frame values and the SiSEC median-of-medians summary."""
+
+from __future__ import annotations
+
+import json
+
+import museval
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.scoring import METRICS, score_track, summarize, track_store
+
+TARGETS = ("drums", "bass", "other", "vocals")
+
+
+def make_track(seed: int, seconds: int = 4) -> tuple[dict, dict]:
+    rng = np.random.default_rng(seed)
+    refs = {t: rng.standard_normal((2, 44100 * seconds)).astype(np.float32) for t in TARGETS}
+    noise = {
+        t: (0.1 + 0.2 * i) * rng.standard_normal((2, 44100 * seconds))
+        for i, t in enumerate(TARGETS)
+    }
+    return refs, {t: (refs[t] + noise[t]).astype(np.float32) for t in TARGETS}
+
+
+def test_frames_equal_museval_evaluate():
+    refs, ests = make_track(0, seconds=3)
+    frames = score_track(refs, ests)
+    sdr, isr, sir, sar = museval.evaluate(
+        np.stack([refs[t].T for t in TARGETS]), np.stack([ests[t].T for t in TARGETS])
+    )
+    for index, target in enumerate(TARGETS):
+        rows = frames[frames.target == target].sort_values("frame")
+        for name, expected in (("SDR", sdr), ("ISR", isr), ("SIR", sir), ("SAR", sar)):
+            np.testing.assert_allclose(rows[name].to_numpy(), expected[index], rtol=1e-6)
+    assert len(frames) == 4 * 3  # 4 targets x 3 one-second frames
+
+
+def test_summary_equals_museval_evalstore(tmp_path):
+    store = museval.EvalStore(frames_agg="median", tracks_agg="median")
+    all_frames = []
+    for seed, name in enumerate(("track a", "track b", "track c")):
+        refs, ests = make_track(seed, seconds=2)
+        frames = score_track(refs, ests)
+        per_track = track_store(name, frames)
+        (tmp_path / f"{name}.json").write_text(per_track.json)  # museval's per-track file
+        store.add_track(per_track)
+        all_frames.append(frames.assign(track=name, method="noisy"))
+    expected = store.agg_frames_tracks_scores()
+    ours = summarize(pd.concat(all_frames)).set_index("target")
+    for target in TARGETS:
+        for metric in METRICS:
+            assert ours.loc[target, f"{metric}_median"] == pytest.approx(
+                expected[(target, metric)], rel=1e-6
+            )
+    saved = json.loads((tmp_path / "track a.json").read_text())
+    assert {t["name"] for t in saved["targets"]} == set(TARGETS)
+
+
+def test_missing_or_misshapen_estimates_are_reported():
+    refs, ests = make_track(1, seconds=2)
+    with pytest.raises(ValueError, match="no estimate for vocals"):
+        score_track(refs, {t: ests[t] for t in TARGETS[:3]})
+    with pytest.raises(ValueError, match="differs"):
+        score_track(refs, {**ests, "bass": ests["bass"][:, :-10]})
