@@ -54,16 +54,22 @@ def test_benchmark_scores_checkpoint_and_mixture_baseline(references, tmp_path, 
     frames = pd.read_parquet(out / "frames.parquet")
     assert set(frames.method) == {"tiny", "mixture"} and set(frames.target) == set(STEMS)
     assert frames.track.nunique() == 2 and set(frames.frame) == {0, 1, 2, 3}
-    # The mixture baseline equals museval run directly on the same files.
+    # The mixture baseline equals museval run directly on the same files (a stem silent over
+    # the whole track cannot be scored by museval: it must come back as NaN).
     track = sorted(p for p in (references / "test").iterdir())[0]
-    refs = np.stack([read_audio(track / f"{s}.wav")[0].T for s in STEMS])
+    refs = {s: read_audio(track / f"{s}.wav")[0].T for s in STEMS}
+    audible = [s for s in STEMS if np.any(refs[s])]
     mixture = read_audio(track / "mixture.wav")[0].T
-    sdr, _, _, _ = museval.evaluate(refs, np.stack([mixture] * 4))
+    sdr, _, _, _ = museval.evaluate(
+        np.stack([refs[s] for s in audible]), np.stack([mixture] * len(audible))
+    )
     ours = frames[(frames.method == "mixture") & (frames.track == track.name)]
-    for index, stem in enumerate(STEMS):
+    for index, stem in enumerate(audible):
         np.testing.assert_allclose(
             ours[ours.target == stem].sort_values("frame").SDR, sdr[index], rtol=1e-6
         )
+    for stem in set(STEMS) - set(audible):
+        assert ours[ours.target == stem].SDR.isna().all()
     summary = pd.read_parquet(out / "summary.parquet")
     assert set(summary.columns) >= {"method", "target", "SDR_median", "SDR_mean", "tracks"}
 
