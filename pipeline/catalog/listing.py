@@ -82,6 +82,7 @@ def list_catalog(source: str, storage_options: dict[str, Any] | None = None) -> 
     """Every audio file of ``source``, sorted by ``track_id``."""
     source = str(source)
     fs, path = open_location(source, storage_options)
+    fs.invalidate_cache()  # fsspec keeps listings per filesystem instance; a catalog changes
     if any(character in source for character in _GLOB_CHARACTERS):
         base = path[: min(path.find(c) for c in _GLOB_CHARACTERS if c in path)]
         base = base.rsplit("/", 1)[0] if "/" in base else ""

@@ -73,6 +73,7 @@ def manifest_root(destination: str) -> str:
 def read_manifests(fs, destination: str) -> pa.Table:
     """Every manifest row ever written under ``destination`` (an empty table if none)."""
     pattern = posixpath.join(manifest_root(destination), "run=*", "*.parquet")
+    fs.invalidate_cache()
     paths = sorted(retry_storage(lambda: fs.glob(pattern), f"listing {pattern}"))
 
     def read(path: str) -> pa.Table | None:
