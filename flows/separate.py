@@ -206,4 +206,4 @@ def _publish_artifact(summary: dict[str, Any]) -> None:
         key="separate-catalog",
         description=f"run {summary['run_id']}: stems in {summary['stems']}",
     )
-    get_run_logger().info("%s", format_summary(summary))
+    get_run_logger().info("%s", format_summary(summary).splitlines()[0])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from typing import Any
 
 from pipeline.catalog.job import STEM_FORMATS
@@ -36,6 +37,11 @@ def add_catalog_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--run-id", help="name of the run (default: UTC time and a random suffix)")
 
 
+def quiet_client_logs() -> None:
+    """Keep the per-request lines of Prefect's HTTP client out of the command's output."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
 def wants_catalog(sources: list[str], storage_options: dict[str, Any] | None) -> bool:
     """Whether ``metasep separate`` was given one catalog SRC rather than audio files."""
     return len(sources) == 1 and is_catalog_source(sources[0], storage_options)
@@ -58,6 +64,7 @@ def run_catalog(
         raise UsageError(f"stem format must be one of {', '.join(STEM_FORMATS)}")
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be 1 or more, not {args.workers}")
+    quiet_client_logs()
     try:
         summary = separate_catalog(
             source,

@@ -36,7 +36,7 @@ def build_summary(
         "source": source,
         "destination": destination,
         "stems": full_url(fs, posixpath.join(root, "stems")),
-        "manifest": full_url(fs, posixpath.join(manifest_root(root), f"run={run_id}")),
+        "manifest": full_url(fs, manifest_root(root)),  # a hive-partitioned Parquet dataset
         "model_id": model_id,
         "options_hash": options_hash,
         "started_at": started_at.isoformat(),
@@ -91,7 +91,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         + (f", {tracks['not_processed']} not processed" if tracks["not_processed"] else ""),
         f"separated {summary['audio_seconds']:.1f} s of audio in {summary['job_seconds']:.1f} s"
         + (f" ({speed:.2f} s of audio per second)" if speed else "")
-        + f"; whole run {summary['wall_seconds']:.1f} s",
+        + f"; whole run {summary['wall_seconds']:.1f} s"
+        if tracks["planned"]
+        else "nothing to separate: every track is already in the manifest",
     ]
     for name, worker in summary["workers"].items():
         lines.append(
@@ -104,5 +106,5 @@ def format_summary(summary: dict[str, Any]) -> str:
     if tracks["error"] > 10:
         lines.append(f"  ... {tracks['error'] - 10} more failures in the manifest")
     lines.append(f"stems: {summary['stems']}/")
-    lines.append(f"manifest: {summary['manifest']}/")
+    lines.append(f"manifest: {summary['manifest']}/ (one row per track and run)")
     return "\n".join(lines)
