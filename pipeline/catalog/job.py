@@ -104,25 +104,27 @@ def run_job(tracks: list[CatalogTrack], model_ref: Any, config: JobConfig) -> Jo
 
     fs, destination = open_location(config.destination, config.storage_options)
     result = JobResult()
-    writer = ManifestWriter(fs, destination, config.run_id, config.flush_rows, config.flush_seconds)
     if not tracks:
         return result
     started = time.monotonic()
     dataset = _build_dataset(ray, _plan_rows(tracks, fs, destination, config), model_ref, config)
+    writer = ManifestWriter(fs, destination, config.run_id, config.flush_rows, config.flush_seconds)
     written: set[str] = set()
-    with tqdm(total=len(tracks), unit="track", desc="separating", dynamic_ncols=True) as bar:
-        for row in dataset.iter_rows():
-            if row["track_id"] in written:  # a retried task's duplicate: the first row stands
-                continue
-            written.add(row["track_id"])
-            writer.add(_manifest_row(row, config))
-            _account(result, row)
-            bar.update()
-            bar.set_postfix(ok=result.ok, error=result.error)
-            if config.fail_on_error and result.error:
-                result.stopped_early = True
-                break
-    writer.close()
+    try:
+        with tqdm(total=len(tracks), unit="track", desc="separating", dynamic_ncols=True) as bar:
+            for row in dataset.iter_rows():
+                if row["track_id"] in written:  # a retried task's duplicate: the first row stands
+                    continue
+                written.add(row["track_id"])
+                writer.add(_manifest_row(row, config))
+                _account(result, row)
+                bar.update()
+                bar.set_postfix(ok=result.ok, error=result.error)
+                if config.fail_on_error and result.error:
+                    result.stopped_early = True
+                    break
+    finally:
+        writer.close()  # rows collected so far are true (their stems exist) even if Ray failed
     result.wall_s = time.monotonic() - started
     result.manifest_parts = writer.parts
     return result

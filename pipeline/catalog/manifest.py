@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import posixpath
-import time
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -102,8 +102,8 @@ def done_records(manifests: pa.Table) -> dict[str, DoneRecord]:
 
 
 class ManifestWriter:
-    """Buffers rows and writes them as Parquet parts of one run, every ``flush_rows`` rows or
-    ``flush_seconds`` seconds, whichever comes first (and on :meth:`close`)."""
+    """Buffers rows and writes them as Parquet parts of one run: every ``flush_rows`` rows, at
+    least every ``flush_seconds`` seconds (a background timer), and on :meth:`close`."""
 
     def __init__(
         self,
@@ -116,20 +116,37 @@ class ManifestWriter:
         self.fs = fs
         self.folder = posixpath.join(manifest_root(destination), f"run={run_id}")
         self.flush_rows = flush_rows
-        self.flush_seconds = flush_seconds
         self.rows: list[dict[str, Any]] = []
         self.parts: list[str] = []
-        self.last_flush = time.monotonic()
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._timer = threading.Thread(target=self._flush_every, args=(flush_seconds,), daemon=True)
+        self._timer.start()
 
     def add(self, row: dict[str, Any]) -> None:
-        self.rows.append(row)
-        overdue = time.monotonic() - self.last_flush >= self.flush_seconds
-        if len(self.rows) >= self.flush_rows or overdue:
-            self.flush()
+        with self._lock:
+            self.rows.append(row)
+            if len(self.rows) >= self.flush_rows:
+                self._write_part()
 
     def flush(self) -> None:
         """Write the buffered rows as the next part file (atomically)."""
-        self.last_flush = time.monotonic()
+        with self._lock:
+            self._write_part()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._timer.join()
+        self.flush()
+
+    def _flush_every(self, seconds: float) -> None:
+        while not self._closed.wait(seconds):
+            try:
+                self.flush()
+            except OSError as error:  # the next flush (or close) tries again with these rows
+                log.warning("manifest flush failed, will retry: %s", error)
+
+    def _write_part(self) -> None:
         if not self.rows:
             return
         table = pa.Table.from_pylist(self.rows, schema=MANIFEST_SCHEMA)
@@ -139,6 +156,3 @@ class ManifestWriter:
         write_bytes(self.fs, path, buffer.getvalue())
         self.parts.append(path)
         self.rows = []
-
-    def close(self) -> None:
-        self.flush()
