@@ -23,15 +23,32 @@ from pipeline.catalog.job import STEM_FORMATS, JobConfig, JobResult, run_job
 from pipeline.catalog.listing import CatalogError, CatalogTrack, list_catalog
 from pipeline.catalog.manifest import done_records, new_run_id, read_manifests
 from pipeline.catalog.plan import Plan, catalog_options_hash, plan_tracks
-from pipeline.catalog.storage import open_location
+from pipeline.catalog.storage import is_transient, open_location
 from pipeline.catalog.summary import build_summary, format_summary, write_summary
 
-STORAGE_RETRIES = {"retries": 3, "retry_delay_seconds": [2, 10, 30], "cache_policy": NO_CACHE}
+
+def _transient_failure(task, task_run, state) -> bool:
+    """Retry a storage task only for errors that may go away (not a wrong SOURCE, say)."""
+    try:
+        state.result()
+    except Exception as error:
+        return is_transient(error)
+    return False
+
+
+STORAGE_RETRIES = {
+    "retries": 3,
+    "retry_delay_seconds": [2, 10, 30],
+    "retry_condition_fn": _transient_failure,
+    "cache_policy": NO_CACHE,
+}
 
 
 @task(name="list-catalog", **STORAGE_RETRIES)
-def list_tracks(source: str, storage_options: dict[str, Any] | None) -> list[CatalogTrack]:
-    tracks = list_catalog(source, storage_options)
+def list_tracks(
+    source: str, destination: str, storage_options: dict[str, Any] | None
+) -> list[CatalogTrack]:
+    tracks = list_catalog(source, storage_options, exclude=destination)
     get_run_logger().info("%s: %d audio files", source, len(tracks))
     return tracks
 
@@ -114,7 +131,7 @@ def separate_catalog(
         raise CatalogError(f"stem format must be one of {', '.join(STEM_FORMATS)}")
     started_at = datetime.now(UTC)
     run_id = run_id or new_run_id()
-    tracks = list_tracks(source, storage_options)
+    tracks = list_tracks(source, destination, storage_options)
     model, model_id, separator_options = load_model(checkpoint, precision)
     options_hash = catalog_options_hash(separator_options, stem_format)
     plan = plan_run(tracks, destination, storage_options, model_id, options_hash)

@@ -208,3 +208,11 @@ def test_transient_storage_errors_are_retried_and_permanent_ones_are_not():
     with pytest.raises(FileNotFoundError):
         retry_storage(missing, "missing", first_delay=0.01)
     assert len(calls) == 1
+
+
+def test_destination_inside_the_source_is_not_listed(tmp_path):
+    write_tone(tmp_path / "lib" / "song.wav")
+    write_tone(tmp_path / "lib" / "out" / "stems" / "song" / "drums.wav")
+    write_tone(tmp_path / "lib" / "outtakes" / "take.wav")
+    tracks = list_catalog(str(tmp_path / "lib"), exclude=str(tmp_path / "lib" / "out"))
+    assert [t.track_id for t in tracks] == ["outtakes/take.wav", "song.wav"]

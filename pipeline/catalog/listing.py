@@ -10,6 +10,7 @@ decides where its stems go.
 from __future__ import annotations
 
 import io
+import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.catalog.paths import assign_output_keys
 from pipeline.catalog.storage import full_url, open_location, read_bytes, retry_storage
@@ -78,10 +80,15 @@ def is_catalog_source(source: str, storage_options: dict[str, Any] | None = None
     return bool(retry_storage(lambda: fs.isdir(path), f"checking {source}"))
 
 
-def list_catalog(source: str, storage_options: dict[str, Any] | None = None) -> list[CatalogTrack]:
-    """Every audio file of ``source``, sorted by ``track_id``."""
+def list_catalog(
+    source: str, storage_options: dict[str, Any] | None = None, exclude: str | None = None
+) -> list[CatalogTrack]:
+    """Every audio file of ``source``, sorted by ``track_id``; files under ``exclude`` (the
+    destination, when it lies inside the source) are left out, or a run would list its own
+    stems as new tracks."""
     source = str(source)
     fs, path = open_location(source, storage_options)
+    excluded = _excluded_prefix(fs, exclude, storage_options)
     fs.invalidate_cache()  # fsspec keeps listings per filesystem instance; a catalog changes
     if any(character in source for character in _GLOB_CHARACTERS):
         base = path[: min(path.find(c) for c in _GLOB_CHARACTERS if c in path)]
@@ -98,7 +105,9 @@ def list_catalog(source: str, storage_options: dict[str, Any] | None = None) -> 
     infos = {
         track_id: info
         for track_id, info in found
-        if info.get("type", "file") == "file" and is_audio_name(track_id)
+        if info.get("type", "file") == "file"
+        and is_audio_name(track_id)
+        and not (excluded and info["name"].startswith(excluded))
     }
     keys = assign_output_keys(list(infos))
     return [
@@ -111,6 +120,18 @@ def list_catalog(source: str, storage_options: dict[str, Any] | None = None) -> 
         )
         for track_id, info in sorted(infos.items())
     ]
+
+
+def _excluded_prefix(fs, exclude: str | None, storage_options: dict[str, Any] | None) -> str:
+    """``exclude`` as a path prefix on ``fs``, or '' when it lies on another file system."""
+    if not exclude:
+        return ""
+    other_fs, other_path = open_location(exclude, storage_options)
+    if type(other_fs) is not type(fs):
+        return ""
+    if isinstance(fs, LocalFileSystem):
+        other_path = os.path.realpath(other_path)
+    return other_path.rstrip("/") + "/"
 
 
 def source_version(info: dict[str, Any]) -> str:
