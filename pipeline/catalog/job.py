@@ -146,7 +146,7 @@ def _build_dataset(ray, rows: list[dict[str, Any]], model_ref: Any, config: JobC
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the driver shows one bar in tracks
     blocks = min(len(rows), 5000)
-    io_tasks = max(2, 2 * config.workers)
+    io_tasks = min(blocks, max(2, 2 * config.workers))
     dataset = ray.data.from_items(rows, override_num_blocks=blocks)
     dataset = dataset.map_batches(
         decode_batch,
