@@ -129,6 +129,12 @@ def separate_catalog(
     """
     if stem_format not in STEM_FORMATS:
         raise CatalogError(f"stem format must be one of {', '.join(STEM_FORMATS)}")
+    for location in (source, destination):
+        if str(location).startswith("memory://"):
+            raise CatalogError(
+                f"{location}: memory:// lives inside one process and Ray workers are other "
+                "processes; use a local folder or object storage"
+            )
     started_at = datetime.now(UTC)
     run_id = run_id or new_run_id()
     tracks = list_tracks(source, destination, storage_options)

@@ -216,3 +216,24 @@ def test_destination_inside_the_source_is_not_listed(tmp_path):
     write_tone(tmp_path / "lib" / "outtakes" / "take.wav")
     tracks = list_catalog(str(tmp_path / "lib"), exclude=str(tmp_path / "lib" / "out"))
     assert [t.track_id for t in tracks] == ["outtakes/take.wav", "song.wav"]
+
+
+def test_memory_filesystem_listing_and_manifests():
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/lib/a/b.wav", b"x" * 5)
+    memory.pipe("/lib/c.txt", b"no")
+    (track,) = list_catalog("memory://lib")
+    assert (track.track_id, track.source_size, track.source_uri) == (
+        "a/b.wav",
+        5,
+        "memory:///lib/a/b.wav",
+    )
+    fs, root = open_location("memory://dst")
+    writer = ManifestWriter(fs, root, "r1")
+    writer.add(manifest_row("a/b.wav", "ok", track.source_version))
+    writer.close()
+    assert plan_tracks([track], done_records(read_manifests(fs, root)), "m1", "o1").skipped == [
+        track
+    ]
