@@ -184,7 +184,7 @@ def decode_batch(
         audio, rate, error = None, 0, ""
         try:
             audio, rate = _decode(str(uri), str(name), storage_options)
-        except (AudioError, OSError) as failure:
+        except Exception as failure:  # whatever a file does, it fails alone, as an error row
             error = _readable(failure)
         out["audio"].append(b"" if audio is None else audio.tobytes())
         out["channels"].append(0 if audio is None else audio.shape[0])
@@ -243,8 +243,10 @@ class SeparateWorker:
         return _columns(out)
 
     def _separate(
-        self, batch: dict[str, np.ndarray], index: int, errors: list[str | None]
+        self, batch: dict[str, np.ndarray], index: int, errors: list[str]
     ) -> tuple[dict[str, np.ndarray] | None, float, float]:
+        """The stems of one track, when and how long the model took; on failure the track's
+        error is set (a track too long for the GPU's memory, say) and the worker goes on."""
         if errors[index]:
             return None, 0.0, 0.0
         shape = (int(batch["channels"][index]), int(batch["samples"][index]))
@@ -252,12 +254,15 @@ class SeparateWorker:
         started = time.time()
         try:
             stems = self.separator.separate(audio, int(batch["sample_rate"][index]))
-        except (AudioError, ValueError) as failure:
-            errors[index] = _readable(failure)
+        except Exception as failure:
+            errors[index] = f"separation failed: {_readable(failure)}"
             return None, started, time.time() - started
         seconds = time.time() - started
-        if not all(np.isfinite(stem).all() for stem in stems.values()):
+        if any(stems[stem].shape != audio.shape for stem in STEMS):
+            errors[index] = f"the separator returned stems of another shape than {audio.shape}"
+        elif not all(np.isfinite(stem).all() for stem in stems.values()):
             errors[index] = "the model produced NaN or infinite samples"
+        if errors[index]:
             return None, started, seconds
         return (
             {stem: np.ascontiguousarray(stems[stem], np.float32) for stem in STEMS},
@@ -274,7 +279,7 @@ def encode_batch(batch: dict[str, np.ndarray], config: JobConfig) -> dict[str, n
         if not out["error"][index]:
             try:
                 _write_stems(batch, index, config)
-            except (OSError, ValueError, RuntimeError) as failure:
+            except Exception as failure:  # after the retries inside write_bytes
                 out["error"][index] = f"writing stems failed: {_readable(failure)}"
         out["finished_at"].append(time.time())
     return _columns(out)
