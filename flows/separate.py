@@ -18,8 +18,14 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from model import load_checkpoint
-from pipeline.catalog.job import STEM_FORMATS, JobConfig, JobResult, run_job
+from model import CheckpointError, load_checkpoint
+from pipeline.catalog.job import (
+    STEM_FORMATS,
+    JobConfig,
+    JobResult,
+    identify_separator,
+    run_job,
+)
 from pipeline.catalog.listing import CatalogError, CatalogTrack, list_catalog
 from pipeline.catalog.manifest import done_records, new_run_id, read_manifests
 from pipeline.catalog.plan import Plan, catalog_options_hash, plan_tracks
@@ -54,13 +60,25 @@ def list_tracks(
 
 
 @task(name="load-model", cache_policy=NO_CACHE)
-def load_model(checkpoint: str, precision: str) -> tuple[Any, str, str]:
+def load_model(
+    checkpoint: str,
+    precision: str,
+    separator_options: dict[str, Any],
+    gpus_per_worker: float,
+    ray_address: str | None,
+) -> tuple[Any, str, str]:
     """The model the workers will hold, its id and the separator's options hash."""
-    from pipeline.separator import Separator
-
-    model = load_checkpoint(checkpoint)
-    separator = Separator(model, device="cpu", precision=precision)
-    return model, separator.model_id, separator.options_hash
+    try:
+        model = load_checkpoint(checkpoint)
+    except CheckpointError as error:
+        raise CatalogError(str(error)) from None
+    if precision != "float32" and gpus_per_worker > 0:
+        _connect_ray(ray_address)  # the ids may have to come from a GPU worker
+    try:
+        model_id, options = identify_separator(model, precision, separator_options, gpus_per_worker)
+    except ValueError as error:
+        raise CatalogError(str(error).splitlines()[0]) from None
+    return model, model_id, options
 
 
 @task(name="plan-run", **STORAGE_RETRIES)
@@ -84,19 +102,15 @@ def separate_tracks(
     import ray
 
     started_here = _connect_ray(ray_address)
-    try:
-        config = _size_workers(ray, config, strict=started_here)
-        get_run_logger().info(
-            "separating %d tracks on %d worker(s) (%g GPU, %g CPU each)",
-            len(todo),
-            config.workers,
-            config.gpus_per_worker,
-            config.cpus_per_worker,
-        )
-        return run_job(todo, ray.put(model) if todo else None, config)
-    finally:
-        if started_here:
-            ray.shutdown()
+    config = _size_workers(ray, config, strict=started_here)
+    get_run_logger().info(
+        "separating %d tracks on %d worker(s) (%g GPU, %g CPU each)",
+        len(todo),
+        config.workers,
+        config.gpus_per_worker,
+        config.cpus_per_worker,
+    )
+    return run_job(todo, ray.put(model), config)
 
 
 @task(name="write-summary", **STORAGE_RETRIES)
@@ -115,6 +129,7 @@ def separate_catalog(
     ray_address: str | None = None,
     storage_options: dict[str, Any] | None = None,
     precision: str = "float32",
+    separator_options: dict[str, Any] | None = None,
     stem_format: str = "flac",
     fail_on_error: bool = False,
     run_id: str | None = None,
@@ -125,7 +140,8 @@ def separate_catalog(
 
     Returns the run summary (also written to ``destination/runs/<run_id>.json``).
     ``workers`` defaults to one per GPU (``gpus_per_worker`` > 0) or to the CPUs left after one
-    for decoding and upload.
+    for decoding and upload. ``separator_options`` go to every worker's ``Separator``
+    (``segment``, ``context``, ``batch_size``).
     """
     if stem_format not in STEM_FORMATS:
         raise CatalogError(f"stem format must be one of {', '.join(STEM_FORMATS)}")
@@ -137,32 +153,39 @@ def separate_catalog(
             )
     started_at = datetime.now(UTC)
     run_id = run_id or new_run_id()
-    tracks = list_tracks(source, destination, storage_options)
-    model, model_id, separator_options = load_model(checkpoint, precision)
-    options_hash = catalog_options_hash(separator_options, stem_format)
-    plan = plan_run(tracks, destination, storage_options, model_id, options_hash)
-    config = JobConfig(
-        destination=destination,
-        run_id=run_id,
-        model_id=model_id,
-        options_hash=options_hash,
-        precision=precision,
-        stem_format=stem_format,
-        workers=workers or 0,
-        gpus_per_worker=gpus_per_worker,
-        cpus_per_worker=cpus_per_worker,
-        storage_options=storage_options,
-        fail_on_error=fail_on_error,
-        flush_rows=flush_rows,
-        flush_seconds=flush_seconds,
-    )
-    result = separate_tracks(plan.todo, model, config, ray_address) if plan.todo else JobResult()
+    separator_options = dict(separator_options or {})
+    try:
+        tracks = list_tracks(source, destination, storage_options)
+        model, model_id, separator_hash = load_model(
+            checkpoint, precision, separator_options, gpus_per_worker, ray_address
+        )
+        options_hash = catalog_options_hash(separator_hash, stem_format)
+        plan = plan_run(tracks, destination, storage_options, model_id, options_hash)
+        config = JobConfig(
+            destination=destination,
+            run_id=run_id,
+            model_id=model_id,
+            options_hash=options_hash,
+            precision=precision,
+            separator_options=separator_options,
+            stem_format=stem_format,
+            workers=workers or 0,
+            gpus_per_worker=gpus_per_worker,
+            cpus_per_worker=cpus_per_worker,
+            storage_options=storage_options,
+            fail_on_error=fail_on_error,
+            flush_rows=flush_rows,
+            flush_seconds=flush_seconds,
+        )
+        result = separate_tracks(plan.todo, model, config, ray_address) if plan.todo else None
+    finally:
+        _disconnect_ray()
     summary = build_summary(
         run_id=run_id,
         source=source,
         destination=destination,
         plan=plan,
-        result=result,
+        result=result or JobResult(),
         model_id=model_id,
         options_hash=options_hash,
         started_at=started_at,
@@ -174,16 +197,30 @@ def separate_catalog(
     return summary
 
 
+_RAY_STARTED_BY_FLOW = False
+
+
 def _connect_ray(ray_address: str | None) -> bool:
     """Join the cluster at ``ray_address`` / ``RAY_ADDRESS``, else start a local Ray (unless one
-    is already up in this process). Returns whether this call started it."""
+    is already up in this process). Returns whether the flow started a local Ray."""
     import ray
 
-    if ray.is_initialized():
-        return False
-    address = ray_address or os.environ.get("RAY_ADDRESS")
-    ray.init(address=address, include_dashboard=False, configure_logging=False)
-    return address is None
+    global _RAY_STARTED_BY_FLOW
+    if not ray.is_initialized():
+        address = ray_address or os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, include_dashboard=False, configure_logging=False)
+        _RAY_STARTED_BY_FLOW = address is None
+    return _RAY_STARTED_BY_FLOW
+
+
+def _disconnect_ray() -> None:
+    """Stop the local Ray the flow started (a cluster it joined, or a Ray it found, stays)."""
+    import ray
+
+    global _RAY_STARTED_BY_FLOW
+    if _RAY_STARTED_BY_FLOW:
+        ray.shutdown()
+        _RAY_STARTED_BY_FLOW = False
 
 
 def _size_workers(ray, config: JobConfig, strict: bool) -> JobConfig:

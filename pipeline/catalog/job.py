@@ -49,6 +49,7 @@ class JobConfig:
     model_id: str
     options_hash: str
     precision: str = "float32"
+    separator_options: dict[str, Any] = field(default_factory=dict)  # segment, context, batch_size
     stem_format: str = "flac"
     workers: int = 1
     gpus_per_worker: float = 0.0
@@ -92,6 +93,38 @@ class JobResult:
     errors: list[tuple[str, str]] = field(default_factory=list)  # (track_id, message)
     workers: dict[str, WorkerStats] = field(default_factory=dict)
     manifest_parts: list[str] = field(default_factory=list)
+
+
+def identify_separator(
+    model: Any, precision: str, separator_options: dict[str, Any], gpus_per_worker: float
+) -> tuple[str, str]:
+    """``model_id`` and ``options_hash`` as the workers will compute them.
+
+    Built here on the CPU when it can run ``precision``; otherwise (float16 for GPU workers on a
+    driver without fast float16, say) by a Ray task shaped like a worker. Ray must be connected
+    for the second case.
+    """
+    from pipeline.separator import Separator
+
+    try:
+        separator = Separator(model, device="cpu", precision=precision, **separator_options)
+        return separator.model_id, separator.options_hash
+    except ValueError:
+        if gpus_per_worker <= 0:
+            raise
+    import ray
+
+    probe = ray.remote(num_cpus=1, num_gpus=gpus_per_worker)(_identify_on_worker)
+    return ray.get(probe.remote(ray.put(model), precision, separator_options))
+
+
+def _identify_on_worker(
+    model: Any, precision: str, separator_options: dict[str, Any]
+) -> tuple[str, str]:
+    from pipeline.separator import Separator
+
+    separator = Separator(model, device="cuda", precision=precision, **separator_options)
+    return separator.model_id, separator.options_hash
 
 
 def run_job(tracks: list[CatalogTrack], model_ref: Any, config: JobConfig) -> JobResult:
@@ -221,7 +254,9 @@ class SeparateWorker:
         if isinstance(model, ray.ObjectRef):
             model = ray.get(model)
         device = "cuda" if config.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
-        self.separator = Separator(model, device=device, precision=config.precision)
+        self.separator = Separator(
+            model, device=device, precision=config.precision, **config.separator_options
+        )
         if self.separator.model_id != config.model_id:
             raise RuntimeError(
                 f"worker loaded model {self.separator.model_id}, the run planned {config.model_id}"
