@@ -12,6 +12,7 @@ import json
 import logging
 from typing import Any
 
+from model import STEMS
 from pipeline.catalog.job import STEM_FORMATS
 from pipeline.catalog.listing import CatalogError, is_catalog_source
 
@@ -43,8 +44,40 @@ def quiet_client_logs() -> None:
 
 
 def wants_catalog(sources: list[str], storage_options: dict[str, Any] | None) -> bool:
-    """Whether ``metasep separate`` was given one catalog SRC rather than audio files."""
-    return len(sources) == 1 and is_catalog_source(sources[0], storage_options)
+    """Whether ``metasep separate`` was given a catalog SRC (then maybe DST), not audio files."""
+    return 1 <= len(sources) <= 2 and is_catalog_source(sources[0], storage_options)
+
+
+def run_separate_command(args: argparse.Namespace) -> int:
+    """``metasep separate SRC [DST]`` with a catalog SRC: DST is the second argument, else
+    ``--out``. Options that shape single-file outputs do not apply and are refused."""
+    from pipeline.cli import UsageError
+
+    for option, unset in (("two_stems", None), ("karaoke", False), ("remix", None)):
+        if getattr(args, option, unset) != unset:
+            raise UsageError(
+                f"--{option.replace('_', '-')} is for files; a catalog run writes the four stems"
+            )
+    if tuple(getattr(args, "stems", STEMS)) != STEMS:
+        raise UsageError("--stems is for files; a catalog run writes the four stems")
+    if getattr(args, "device", None):
+        raise UsageError("--device is for files; catalog workers take --gpus-per-worker")
+    source = str(args.files[0])
+    destination = str(args.files[1]) if len(args.files) == 2 else str(args.out)
+    separator_options = {
+        name: getattr(args, name)
+        for name in ("segment", "context", "batch_size")
+        if getattr(args, name, None) is not None
+    }
+    return run_catalog(
+        source,
+        destination,
+        args,
+        checkpoint=args.checkpoint,
+        precision=args.precision,
+        stem_format=args.format,
+        separator_options=separator_options,
+    )
 
 
 def run_catalog(
@@ -54,6 +87,7 @@ def run_catalog(
     checkpoint: str = "default",
     precision: str = "float32",
     stem_format: str = "flac",
+    separator_options: dict[str, Any] | None = None,
 ) -> int:
     """Run the flow; exit code 0 when every track is done, 1 when any failed or was left."""
     from flows.separate import separate_catalog
@@ -76,6 +110,7 @@ def run_catalog(
             ray_address=args.ray_address,
             storage_options=args.storage_options,
             precision=precision,
+            separator_options=separator_options,
             stem_format=stem_format,
             fail_on_error=args.fail_on_error,
             run_id=args.run_id,
