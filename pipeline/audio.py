@@ -1,10 +1,25 @@
 """Audio I/O and resampling: the one place the project decodes, encodes and resamples audio.
 
 Arrays are float32 of shape (channels, samples) everywhere in the project.
+
+Decoding goes through libsndfile (WAV, FLAC, OGG, MP3, AIFF...) and falls back to ffmpeg for what
+libsndfile cannot read (M4A/AAC, the mixture stream of a ``.stem.mp4``); ffmpeg decodes the first
+audio stream to a temporary float WAV that is then read like any other file, block by block, so
+that long tracks need not be held in memory. Every failure is an :class:`AudioError` whose message
+names the input and says why in one line.
+
+Encoded outputs are written under a temporary name next to the destination and renamed when
+complete, so an interrupted run never leaves a file that looks finished.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -12,18 +27,186 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+FORMATS = {"flac": ("FLAC", "PCM_24"), "wav": ("WAV", "FLOAT")}
+_BLOCK = 1 << 18  # frames per block when reading whole files
+
 
 class AudioError(ValueError):
     """Audio that cannot be read or used: the message names the input and says why."""
 
 
+class AudioReader:
+    """An open audio input: its rate, channel count and length, read block by block.
+
+    Use :func:`open_audio` to get one, as a context manager. :meth:`blocks` can be called several
+    times; each call reads from the start.
+    """
+
+    def __init__(self, file: sf.SoundFile, name: str, cleanup: contextlib.ExitStack) -> None:
+        self._file, self.name, self._cleanup = file, name, cleanup
+        self.rate, self.channels = int(file.samplerate), int(file.channels)
+        self.frames = int(file.frames)
+
+    def blocks(self, size: int = _BLOCK) -> Iterator[np.ndarray]:
+        """Consecutive float32 (channels, frames) blocks of at most ``size`` frames."""
+        self._file.seek(0)
+        while True:
+            try:
+                block = self._file.read(size, dtype="float32", always_2d=True)
+            except (sf.LibsndfileError, RuntimeError) as error:
+                raise AudioError(f"{self.name}: cannot decode audio ({error})") from None
+            if not len(block):
+                return
+            if not np.isfinite(block).all():
+                raise AudioError(f"{self.name}: contains NaN or infinite samples")
+            yield np.ascontiguousarray(block.T)
+
+    def read(self) -> np.ndarray:
+        """The whole input as float32 (channels, samples)."""
+        parts = list(self.blocks())
+        if not parts:
+            raise AudioError(f"{self.name}: no audio samples (zero-length)")
+        return np.concatenate(parts, axis=1)
+
+    def close(self) -> None:
+        self._file.close()
+        self._cleanup.close()
+
+    def __enter__(self) -> AudioReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_audio(source: str | Path | BinaryIO) -> AudioReader:
+    """Open an audio file (path or binary file object) for block-wise reading.
+
+    Raises :class:`AudioError` for a missing, empty, unreadable or non-audio input, and for one
+    without any samples.
+    """
+    name = _name(source)
+    if isinstance(source, str | Path):
+        path = Path(source)
+        if not path.exists():
+            raise AudioError(f"{name}: no such file")
+        if path.is_dir():
+            raise AudioError(f"{name}: is a directory, not an audio file")
+        if path.stat().st_size == 0:
+            raise AudioError(f"{name}: empty file")
+    cleanup = contextlib.ExitStack()
+    try:
+        try:
+            file = sf.SoundFile(source)
+        except (sf.LibsndfileError, RuntimeError, TypeError):
+            file = sf.SoundFile(_decode_with_ffmpeg(source, name, cleanup))
+        reader = AudioReader(file, name, cleanup)
+    except BaseException:
+        cleanup.close()
+        raise
+    if reader.frames == 0:
+        reader.close()
+        raise AudioError(f"{name}: no audio samples (zero-length)")
+    return reader
+
+
 def read_audio(source: str | Path | BinaryIO) -> tuple[np.ndarray, int]:
     """Decode a file into float32 (channels, samples) and its sample rate."""
-    try:
-        data, rate = sf.read(source, dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, TypeError) as error:
-        raise AudioError(f"{_name(source)}: cannot decode audio ({error})") from None
-    return np.ascontiguousarray(data.T), int(rate)
+    with open_audio(source) as reader:
+        return reader.read(), reader.rate
+
+
+def _decode_with_ffmpeg(
+    source: str | Path | BinaryIO, name: str, cleanup: contextlib.ExitStack
+) -> Path:
+    """Decode the first audio stream with ffmpeg to a temporary float WAV; return its path."""
+    if shutil.which("ffmpeg") is None:
+        raise AudioError(f"{name}: not readable by libsndfile, and ffmpeg is not installed")
+    folder = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="metasep-")))
+    if isinstance(source, str | Path):
+        path = Path(source)
+    else:
+        path = folder / "input"
+        with contextlib.suppress(OSError, AttributeError):
+            source.seek(0)
+        with path.open("wb") as spool:
+            shutil.copyfileobj(source, spool)
+        if path.stat().st_size == 0:
+            raise AudioError(f"{name}: empty file")
+    decoded = folder / "decoded.wav"
+    command = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-vn"]
+    command += ["-c:a", "pcm_f32le", "-rf64", "auto", "-f", "wav", str(decoded)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0 or not decoded.exists():
+        reason = _last_line(result.stderr) or f"ffmpeg exit code {result.returncode}"
+        if "matches no streams" in reason:
+            reason = "no audio stream"
+        raise AudioError(f"{name}: not a readable audio file ({reason})")
+    return decoded
+
+
+class AudioWriter:
+    """Encode (channels, samples) blocks to a file, atomically: the data goes to a temporary name
+    in the destination's folder and is renamed over the destination only when complete."""
+
+    def __init__(self, path: str | Path, rate: int, channels: int, format: str = "flac") -> None:
+        container, subtype = _format(format)
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, partial = tempfile.mkstemp(
+            prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent
+        )
+        os.close(descriptor)
+        self._partial = Path(partial)
+        self._clip = subtype != "FLOAT"
+        self._file = sf.SoundFile(
+            partial, "w", samplerate=rate, channels=channels, format=container, subtype=subtype
+        )
+
+    def write(self, block: np.ndarray) -> None:
+        block = np.asarray(block, dtype=np.float32)
+        if self._clip:
+            block = np.clip(block, -1.0, 1.0)
+        self._file.write(block.T)
+
+    def commit(self) -> Path:
+        self._file.close()
+        os.replace(self._partial, self.path)
+        return self.path
+
+    def discard(self) -> None:
+        self._file.close()
+        self._partial.unlink(missing_ok=True)
+
+    def __enter__(self) -> AudioWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+def write_audio(
+    destination: str | Path | BinaryIO, audio: np.ndarray, rate: int, format: str = "flac"
+) -> None:
+    """Encode float32 (channels, samples) audio as FLAC (24-bit) or WAV (32-bit float).
+
+    FLAC is integer PCM, so samples beyond [-1, 1] are clipped; WAV keeps them. A path is written
+    atomically (temporary name, then rename).
+    """
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim != 2:
+        raise ValueError(f"expected (channels, samples) audio, got shape {audio.shape}")
+    if isinstance(destination, str | Path):
+        with AudioWriter(destination, rate, audio.shape[0], format) as writer:
+            writer.write(audio)
+        return
+    container, subtype = _format(format)
+    if subtype != "FLOAT":
+        audio = np.clip(audio, -1.0, 1.0)
+    sf.write(destination, audio.T, rate, format=container, subtype=subtype)
 
 
 def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
@@ -33,5 +216,37 @@ def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     return np.ascontiguousarray(soxr.resample(audio.T, from_rate, to_rate, quality="HQ").T)
 
 
+class StreamResampler:
+    """Resample consecutive (channels, samples) blocks as one signal (soxr's stream mode gives
+    the same samples as resampling the whole signal at once)."""
+
+    def __init__(self, from_rate: int, to_rate: int, channels: int) -> None:
+        self._stream = None
+        if from_rate != to_rate:
+            self._stream = soxr.ResampleStream(
+                from_rate, to_rate, channels, dtype="float32", quality="HQ"
+            )
+        self.channels = channels
+
+    def push(self, block: np.ndarray, last: bool = False) -> np.ndarray:
+        """Resampled output for the next block (possibly empty); ``last`` flushes the filter."""
+        if self._stream is None:
+            return block
+        out = self._stream.resample_chunk(np.ascontiguousarray(block.T), last=last)
+        return np.ascontiguousarray(out.reshape(-1, self.channels).T)
+
+
+def _format(format: str) -> tuple[str, str]:
+    try:
+        return FORMATS[format]
+    except KeyError:
+        raise ValueError(f"unknown audio format {format!r} (use {' or '.join(FORMATS)})") from None
+
+
 def _name(source: str | Path | BinaryIO) -> str:
     return str(getattr(source, "name", source))
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""

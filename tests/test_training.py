@@ -210,3 +210,28 @@ def test_train_command_writes_checkpoints_and_metrics(tone_catalog, tmp_path, ca
 def test_bad_catalog_is_a_usage_error(tmp_path, capsys):
     assert main(["train", str(tmp_path / "missing"), "--out", str(tmp_path / "run")]) == 2
     assert "no such catalog" in capsys.readouterr().err
+
+
+def test_musdb_stem_mp4_catalog_is_read_through_musdb(tmp_path):
+    stempeg = pytest.importorskip("stempeg")
+    rate, seconds = 44100, 2
+    t = np.arange(rate * seconds) / rate
+    for name, base in (("Artist A - Song", 110.0), ("Artist B - Tune", 150.0)):
+        stems = np.stack(
+            [np.stack([0.2 * np.sin(2 * np.pi * base * h * t)] * 2, 1) for h in (1, 0.5, 2, 3)]
+        )
+        data = np.concatenate([stems.sum(0, keepdims=True), stems])  # mixture first, as MUSDB18
+        (tmp_path / "musdb" / "train").mkdir(parents=True, exist_ok=True)
+        stempeg.write_stems(
+            str(tmp_path / "musdb" / "train" / f"{name}.stem.mp4"),
+            data,
+            sample_rate=rate,
+            writer=stempeg.StreamsWriter(codec="aac", bitrate=256000),
+        )
+    sources = find_tracks(str(tmp_path / "musdb"), "train")
+    assert [s.name for s in sources] == ["Artist A - Song", "Artist B - Tune"]
+    tracks = prepare_tracks(sources, TINY_MODEL.stage_rates(), tmp_path / "cache", progress=False)
+    top = np.asarray(tracks[0].stages[2])
+    assert top.shape[:2] == (4, 2) and abs(top.shape[-1] - 32000 * seconds) < 32000 * 0.1
+    spectrum = np.abs(np.fft.rfft(top[1, 0]))  # bass of track A: 55 Hz
+    assert abs(np.argmax(spectrum) * 32000 / top.shape[-1] - 55.0) < 2.0

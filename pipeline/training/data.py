@@ -1,7 +1,8 @@
 """Training data: MUSDB18-HQ-layout catalogs, resampled once per stage, sampled as the paper does.
 
 A catalog is ``ROOT/<split>/<track>/{drums,bass,other,vocals}.wav`` (what ``metasep synth`` writes
-and MUSDB18-HQ ships), on a local path or any fsspec URL. Each track is resampled once to every
+and MUSDB18-HQ ships), on a local path or any fsspec URL, or a local MUSDB18 folder of
+``.stem.mp4`` files. Each track is resampled once to every
 stage rate, normalised by the standard deviation of its mono mix (as the release does) and cached
 as ``.npy`` files that are memory-mapped, so a catalog larger than RAM still trains.
 
@@ -59,11 +60,20 @@ class StageTrack:
         return (StageTrack, (self.name, self.folder, self.stage_count))
 
 
+STEM_CONTAINER = "stem.mp4"
+
+
 def find_tracks(
     root: str, split: str, storage_options: dict[str, Any] | None = None
 ) -> list[TrackSource]:
-    """Tracks under ``root/split`` (or ``root`` itself when it has no such folder), sorted by name."""
+    """Tracks under ``root/split`` (or ``root`` itself when it has no such folder), sorted by name.
+
+    A local catalog of MUSDB18 ``.stem.mp4`` files is read through the musdb package (its
+    ``train``/``valid``/``test`` splits); otherwise the MUSDB18-HQ layout of WAV files is expected.
+    """
     fs, base = fsspec.core.url_to_fs(root, **(storage_options or {}))
+    if fs.protocol in ("file", ("file", "local")) and list(Path(base).glob("*/*.stem.mp4")):
+        return _musdb_tracks(Path(base), split)
     folder = posixpath.join(base, split)
     if not fs.isdir(folder):
         folder = base
@@ -90,6 +100,44 @@ def find_tracks(
             f"{root}: no tracks with {', '.join(f'{s}.wav' for s in STEMS)} in {folder}"
         )
     return tracks
+
+
+def _musdb_tracks(root: Path, split: str) -> list[TrackSource]:
+    import musdb
+
+    subsets, musdb_split = ("test", None) if split == "test" else ("train", split)
+    database = musdb.DB(root=str(root), subsets=subsets, split=musdb_split)
+    tracks = []
+    for track in database.tracks:
+        info = Path(track.path).stat()
+        tracks.append(
+            TrackSource(track.name, {STEM_CONTAINER: track.path}, f"{info.st_size}:{info.st_mtime}")
+        )
+    if not tracks:
+        raise ValueError(f"{root}: no MUSDB18 .stem.mp4 tracks in the {split} split")
+    return tracks
+
+
+def _read_stems(
+    source: TrackSource, storage_options: dict[str, Any] | None
+) -> tuple[np.ndarray, int]:
+    """The four stems of a track as (4, 2, samples) and their rate."""
+    if STEM_CONTAINER in source.stems:  # MUSDB18: mixture, drums, bass, other, vocals streams
+        import stempeg
+
+        audio, rate = stempeg.read_stems(
+            source.stems[STEM_CONTAINER], stem_id=[1, 2, 3, 4], dtype=np.float32, always_3d=True
+        )
+        return np.ascontiguousarray(audio.transpose(0, 2, 1)), int(rate)
+    stems, rate = [], None
+    for stem in STEMS:
+        with fsspec.open(source.stems[stem], "rb", **(storage_options or {})) as file:
+            audio, stem_rate = read_audio(file)
+        if rate not in (None, stem_rate) or (stems and audio.shape[-1] != stems[0].shape[-1]):
+            raise AudioError(f"{source.name}: stems differ in rate or length")
+        stems.append(audio if audio.shape[0] == 2 else np.repeat(audio[:1], 2, axis=0))
+        rate = stem_rate
+    return np.stack(stems), int(rate)
 
 
 def default_cache_dir() -> Path:
@@ -121,15 +169,7 @@ def _cache_key(source: TrackSource, rates: list[int]) -> str:
 def _write_cache(
     source: TrackSource, rates: list[int], folder: Path, storage_options: dict[str, Any] | None
 ) -> None:
-    stems, rate = [], None
-    for stem in STEMS:
-        with fsspec.open(source.stems[stem], "rb", **(storage_options or {})) as file:
-            audio, stem_rate = read_audio(file)
-        if rate not in (None, stem_rate) or (stems and audio.shape != stems[0].shape):
-            raise AudioError(f"{source.name}: stems differ in rate or shape")
-        stems.append(audio if audio.shape[0] == 2 else np.repeat(audio[:1], 2, axis=0))
-        rate = stem_rate
-    stacked = np.stack(stems)  # (4, 2, samples)
+    stacked, rate = _read_stems(source, storage_options)  # (4, 2, samples)
     staged = [resample(stacked.reshape(-1, stacked.shape[-1]), rate, r) for r in rates]
     base = min(s.shape[-1] // 2**i for i, s in enumerate(staged))
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,203 @@
+"""``metasep separate``: audio files in, stems out as ``OUT/<track>/<stem>.<ext>``.
+
+The layout is Demucs' and Spleeter's. Files are separated one after another in this process, with
+one model load for all of them: a single file does not pay for starting a cluster. A file that
+cannot be read or separated gets one error line and the others are still processed; the exit code
+is 1 when any file failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from model import STEMS, CheckpointError, resolve_checkpoint
+from pipeline.audio import FORMATS, AudioError
+from pipeline.cli import UsageError
+from pipeline.separator import (
+    DEFAULT_BATCH,
+    DEFAULT_CONTEXT,
+    DEFAULT_SEGMENT,
+    PRECISIONS,
+    Separator,
+)
+
+KARAOKE = "karaoke"
+REMIX = "remix"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "separate",
+        help="separate audio files into drums, bass, other and vocals",
+        description="Separate audio files (WAV, FLAC, MP3, OGG, AIFF, M4A, .stem.mp4...) into "
+        "stems, written as OUT/<track>/<stem>.<ext>.",
+    )
+    parser.add_argument("files", nargs="+", type=Path, metavar="FILE", help="audio files")
+    parser.add_argument(
+        "-o", "--out", type=Path, default=Path("separated"), help="output folder (./separated)"
+    )
+    parser.add_argument(
+        "--checkpoint", default="default", help="weights: 'default' (shipped) or a file"
+    )
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="float32")
+    parser.add_argument(
+        "--stems",
+        type=_stem_list,
+        default=STEMS,
+        help=f"comma-separated stems to write (default: {','.join(STEMS)})",
+    )
+    parser.add_argument(
+        "--two-stems",
+        choices=STEMS,
+        metavar="STEM",
+        help="write STEM and no_STEM (the other three summed) only",
+    )
+    parser.add_argument("--format", choices=FORMATS, default="flac", help="flac (24-bit) or wav")
+    parser.add_argument(
+        "--karaoke", action="store_true", help=f"also write {KARAOKE}: drums + bass + other"
+    )
+    parser.add_argument(
+        "--remix",
+        type=_remix,
+        metavar="STEM=GAIN,...",
+        help=f"also write {REMIX}: the stems re-balanced, e.g. vocals=1.2,drums=0.3 "
+        "(unnamed stems keep gain 1)",
+    )
+    parser.add_argument("--segment", type=float, default=DEFAULT_SEGMENT, help="seconds")
+    parser.add_argument("--context", type=float, default=DEFAULT_CONTEXT, help="seconds")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    outputs = requested_outputs(args.stems, args.two_stems, args.karaoke, args.remix)
+    separator = build_separator(args)
+    started = time.perf_counter()
+    failures: list[str] = []
+    folders: dict[Path, Path] = {}
+    show_files = len(args.files) > 1
+    for path in tqdm(args.files, unit="file", disable=not show_files, desc="files"):
+        destination = args.out / track_name(path)
+        if destination in folders:
+            failures.append(str(path))
+            _error(
+                f"{path}: same output folder {destination} as {folders[destination]}; rename one"
+            )
+            continue
+        folders[destination] = path
+        try:
+            separator.separate_file(path, destination, outputs, args.format, progress=True)
+        except (AudioError, OSError, FloatingPointError) as error:
+            failures.append(str(path))
+            _error(str(error) if isinstance(error, AudioError) else f"{path}: {error}")
+    done = len(args.files) - len(failures)
+    elapsed = time.perf_counter() - started
+    print(
+        f"separated {done} of {len(args.files)} file(s) in {elapsed:.1f} s into {args.out}/"
+        f"<track>/ ({', '.join(outputs)} as .{args.format}; model {separator.model_id}, "
+        f"{separator.device}, {separator.precision})"
+    )
+    if failures:
+        print(f"failed: {', '.join(failures)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def requested_outputs(
+    stems: Sequence[str],
+    two_stems: str | None,
+    karaoke: bool,
+    remix: dict[str, float] | None,
+) -> dict[str, tuple[float, ...]]:
+    """Output name -> weights of (drums, bass, other, vocals)."""
+    if two_stems is not None and tuple(stems) != STEMS:
+        raise UsageError("--two-stems and --stems cannot be combined")
+    outputs: dict[str, tuple[float, ...]] = {}
+    if two_stems is not None:
+        outputs[two_stems] = _weights({two_stems: 1.0}, default=0.0)
+        outputs[f"no_{two_stems}"] = _weights({two_stems: 0.0}, default=1.0)
+    else:
+        outputs.update({stem: _weights({stem: 1.0}, default=0.0) for stem in stems})
+    if karaoke:
+        outputs[KARAOKE] = _weights({"vocals": 0.0}, default=1.0)
+    if remix is not None:
+        outputs[REMIX] = _weights(remix, default=1.0)
+    return outputs
+
+
+def build_separator(args: argparse.Namespace) -> Separator:
+    """The separator the options ask for, or a UsageError saying why there is none."""
+    if args.checkpoint == "default":
+        try:
+            resolve_checkpoint("default")
+        except CheckpointError:
+            raise UsageError(
+                "the shipped default weights (model/weights/default.safetensors) are not "
+                "installed; pass --checkpoint PATH (a release best_model.pt or a .safetensors)"
+            ) from None
+    try:
+        return Separator(
+            args.checkpoint,
+            device=args.device,
+            precision=args.precision,
+            segment=args.segment,
+            context=args.context,
+            batch_size=args.batch_size,
+        )
+    except (CheckpointError, ValueError, RuntimeError) as error:
+        raise UsageError(str(error).splitlines()[0]) from None
+
+
+def track_name(path: Path) -> str:
+    """The output folder name of an input: its name without extension (``.stem.mp4`` whole)."""
+    name = path.name
+    lowered = name.lower()
+    for suffix in (".stem.mp4", ".stem.m4a"):
+        if lowered.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    else:
+        name = Path(name).stem
+    return name if name.strip(". ") else f"track{name}"
+
+
+def _weights(gains: dict[str, float], default: float) -> tuple[float, ...]:
+    return tuple(float(gains.get(stem, default)) for stem in STEMS)
+
+
+def _stem_list(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in STEMS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown stem(s) {', '.join(unknown) or text!r}; choose from {', '.join(STEMS)}"
+        )
+    return names
+
+
+def _remix(text: str) -> dict[str, float]:
+    gains = {}
+    for item in text.split(","):
+        stem, _, value = item.partition("=")
+        stem = stem.strip()
+        if stem not in STEMS:
+            raise argparse.ArgumentTypeError(f"unknown stem {stem!r} in {text!r}")
+        try:
+            gains[stem] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not STEM=GAIN") from None
+        if not math.isfinite(gains[stem]):
+            raise argparse.ArgumentTypeError(f"{item!r}: the gain must be a finite number")
+    return gains
+
+
+def _error(message: str) -> None:
+    tqdm.write(f"metasep separate: error: {message}", file=sys.stderr)
