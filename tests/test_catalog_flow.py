@@ -230,3 +230,29 @@ def test_killed_run_resumes_without_repeating_work(
     rows = manifest_rows(destination)
     assert sorted(row["track_id"] for row in rows) == sorted(names)  # each exactly once
     assert all(row["status"] == "ok" for row in rows)
+
+
+def test_separate_command_runs_the_flow_for_a_folder(
+    tmp_path, prefect_api, ray_local, tiny_checkpoint, capsys
+):
+    from pipeline.cli import main
+
+    library, out = tmp_path / "library", tmp_path / "out"
+    library.mkdir()
+    for k, name in enumerate(["one.wav", "two.flac"]):
+        (library / name).write_bytes(tone_bytes(0.5, 22050, 2, 200.0 * (k + 1), file_format(name)))
+    (library / "broken.wav").write_text("a text file with an audio name")
+    command = ["separate", str(library), str(out), "--checkpoint", tiny_checkpoint]
+
+    assert main([*command, "--format", "wav"]) == 1  # a track failed
+    printed = capsys.readouterr()
+    assert "3 planned: 2 ok, 1 failed" in printed.out and "failed broken.wav" in printed.out
+    for name in ("one", "two"):
+        audio, rate = read_audio(out / "stems" / name / "vocals.wav")
+        assert rate == 22050 and audio.shape == (2, 11025)
+
+    (library / "broken.wav").unlink()
+    assert main([*command, "--format", "wav"]) == 0
+    assert "nothing to separate" in capsys.readouterr().out
+    assert main([*command, "--karaoke"]) == 2
+    assert "--karaoke is for files" in capsys.readouterr().err
