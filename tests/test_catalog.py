@@ -72,6 +72,8 @@ def test_glob_and_uri_manifest_sources(tmp_path):
     assert listed["sub/two.flac"].source_size > 0 and listed["missing.wav"].source_size == 0
     with pytest.raises(CatalogError, match="no such folder"):
         list_catalog(str(tmp_path / "nowhere"))
+    with pytest.raises(CatalogError, match="no audio files"):
+        list_catalog(str(tmp_path / "lib" / "*.mp3"))
 
 
 @pytest.mark.parametrize("track_id", HOSTILE_KEYS)

@@ -256,3 +256,5 @@ def test_separate_command_runs_the_flow_for_a_folder(
     assert "nothing to separate" in capsys.readouterr().out
     assert main([*command, "--karaoke"]) == 2
     assert "--karaoke is for files" in capsys.readouterr().err
+    assert main(["separate", str(tmp_path / "nowhere" / "*.wav"), str(out)]) == 2
+    assert "no audio files" in capsys.readouterr().err

@@ -109,6 +109,10 @@ def list_catalog(
         and is_audio_name(track_id)
         and not (excluded and info["name"].startswith(excluded))
     }
+    if not infos:
+        raise CatalogError(
+            f"{source}: no audio files (looked for {', '.join(sorted(AUDIO_EXTENSIONS))})"
+        )
     keys = assign_output_keys(list(infos))
     return [
         CatalogTrack(
