@@ -74,6 +74,11 @@ def test_glob_and_uri_manifest_sources(tmp_path):
         list_catalog(str(tmp_path / "nowhere"))
     with pytest.raises(CatalogError, match="no audio files"):
         list_catalog(str(tmp_path / "lib" / "*.mp3"))
+    write_tone(tmp_path / "live [2020]" / "song [encore].wav")
+    assert not is_catalog_source(str(tmp_path / "live [2020]" / "song [encore].wav"))
+    assert is_catalog_source(str(tmp_path / "live [2020]")) and is_catalog_source(str(listing))
+    (bracketed,) = list_catalog(str(tmp_path / "live [2020]"))
+    assert bracketed.track_id == "song [encore].wav"
 
 
 @pytest.mark.parametrize("track_id", HOSTILE_KEYS)

@@ -71,13 +71,22 @@ def is_audio_name(name: str) -> bool:
 
 
 def is_catalog_source(source: str, storage_options: dict[str, Any] | None = None) -> bool:
-    """Whether ``source`` is a catalog (folder, prefix, glob, manifest) rather than one file."""
-    if any(character in str(source) for character in _GLOB_CHARACTERS):
-        return True
-    if posixpath.splitext(str(source))[1].lower() in MANIFEST_EXTENSIONS:
-        return True
+    """Whether ``source`` is a catalog (folder, prefix, glob, manifest) rather than one file.
+
+    What exists wins over what the name looks like: ``song [live].wav`` is a file, not a glob.
+    """
     fs, path = open_location(source, storage_options)
-    return bool(retry_storage(lambda: fs.isdir(path), f"checking {source}"))
+    kind = _kind(fs, path, str(source))
+    return kind != "file" or posixpath.splitext(path)[1].lower() in MANIFEST_EXTENSIONS
+
+
+def _kind(fs, path: str, source: str) -> str:
+    """``"folder"``, ``"file"``, ``"glob"`` or ``"missing"``."""
+    if retry_storage(lambda: fs.isdir(path), f"checking {source}"):
+        return "folder"
+    if retry_storage(lambda: fs.isfile(path), f"checking {source}"):
+        return "file"
+    return "glob" if any(c in source for c in _GLOB_CHARACTERS) else "missing"
 
 
 def list_catalog(
@@ -90,18 +99,19 @@ def list_catalog(
     fs, path = open_location(source, storage_options)
     excluded = _excluded_prefix(fs, exclude, storage_options)
     fs.invalidate_cache()  # fsspec keeps listings per filesystem instance; a catalog changes
-    if any(character in source for character in _GLOB_CHARACTERS):
+    kind = _kind(fs, path, source)
+    if kind == "folder":
+        entries = retry_storage(lambda: fs.find(path, detail=True), f"listing {source}")
+        found = [(_relative(name, path), info) for name, info in entries.items()]
+    elif kind == "glob":
         base = path[: min(path.find(c) for c in _GLOB_CHARACTERS if c in path)]
         base = base.rsplit("/", 1)[0] if "/" in base else ""
         entries = retry_storage(lambda: fs.glob(path, detail=True), f"listing {source}")
         found = [(_relative(name, base), info) for name, info in entries.items()]
-    elif posixpath.splitext(path)[1].lower() in MANIFEST_EXTENSIONS:
+    elif kind == "file" and posixpath.splitext(path)[1].lower() in MANIFEST_EXTENSIONS:
         found = _manifest_entries(fs, path, source, storage_options)
     else:
-        if not retry_storage(lambda: fs.isdir(path), f"checking {source}"):
-            raise CatalogError(f"{source}: no such folder, prefix, glob or manifest")
-        entries = retry_storage(lambda: fs.find(path, detail=True), f"listing {source}")
-        found = [(_relative(name, path), info) for name, info in entries.items()]
+        raise CatalogError(f"{source}: no such folder, prefix, glob or manifest of URIs")
     infos = {
         track_id: info
         for track_id, info in found
