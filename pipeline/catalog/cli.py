@@ -12,7 +12,7 @@ import json
 import logging
 from typing import Any
 
-from model import STEMS
+from model import STEMS, CheckpointError, resolve_checkpoint
 from pipeline.catalog.job import STEM_FORMATS
 from pipeline.catalog.listing import CatalogError, is_catalog_source
 
@@ -96,6 +96,11 @@ def run_catalog(
 
     if stem_format not in STEM_FORMATS:
         raise UsageError(f"stem format must be one of {', '.join(STEM_FORMATS)}")
+    try:
+        resolve_checkpoint(checkpoint)  # before the flow starts: a missing file is a typo
+    except CheckpointError as error:
+        hint = "; pass --checkpoint PATH" if checkpoint == "default" else ""
+        raise UsageError(f"{error}{hint}") from None
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be 1 or more, not {args.workers}")
     quiet_client_logs()
