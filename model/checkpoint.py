@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,9 @@ def save_checkpoint(
         METADATA_KEY: json.dumps(metadata or {}, sort_keys=True, default=str),
     }
     save_file(state, str(path), metadata=header)
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)  # safetensors creates 0600 files; give the usual permissions
     return path
 
 

@@ -8,6 +8,7 @@ every estimate) is scored the same way, so a table always shows what separation 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,10 +87,14 @@ def benchmark(
     jobs = [
         (method, checkpoint, track) for method, checkpoint in methods.items() for track in tracks
     ]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        results = list(
-            tqdm(pool.map(_score_method, jobs), total=len(jobs), desc="scoring", unit="track")
-        )
+    if workers <= 1:
+        results = [_score_method(job) for job in tqdm(jobs, desc="scoring", unit="track")]
+        return pd.concat(results, ignore_index=True)
+    # spawn, not fork: a forked child of a process whose torch thread pool runs can deadlock
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        scored = pool.map(_score_method, jobs)
+        results = list(tqdm(scored, total=len(jobs), desc="scoring", unit="track"))
     return pd.concat(results, ignore_index=True)
 
 

@@ -8,12 +8,14 @@ per-track JSON, so ``museval.EvalStore`` reads them back.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import museval
 import numpy as np
 import pandas as pd
 
+log = logging.getLogger(__name__)
 METRICS = ("SDR", "SIR", "ISR", "SAR")
 SISEC_RATE = 44100
 
@@ -38,15 +40,25 @@ def score_track(
                 f"{target}: estimate shape {estimates[target].shape} differs from the reference's "
                 f"{references[target].shape}"
             )
-    ref = np.stack([references[t].T for t in targets]).astype(np.float64)
-    est = np.stack([estimates[t].T for t in targets]).astype(np.float64)
-    sdr, isr, sir, sar = museval.evaluate(ref, est, win=rate, hop=rate, mode="v4", padding=True)
-    rows = []
-    for index, target in enumerate(targets):
-        for frame in range(sdr.shape[1]):
-            values = (sdr[index, frame], sir[index, frame], isr[index, frame], sar[index, frame])
-            rows.append((target, frame, float(frame), *map(float, values)))
-    return pd.DataFrame(rows, columns=["target", "frame", "time", *METRICS])
+    # museval cannot score a reference that is silent over the whole track: those targets get
+    # NaN rows (reported, not dropped) and the others are scored together.
+    scored = [t for t in targets if np.any(references[t])]
+    for target in sorted(set(targets) - set(scored)):
+        log.warning("%s: the reference is silent over the whole track; its scores are NaN", target)
+    frames = -(-references[targets[0]].shape[-1] // rate)
+    scores = np.full((len(targets), 4, frames), np.nan)
+    if scored:
+        ref = np.stack([references[t].T for t in scored]).astype(np.float64)
+        est = np.stack([estimates[t].T for t in scored]).astype(np.float64)
+        sdr, isr, sir, sar = museval.evaluate(ref, est, win=rate, hop=rate, mode="v4", padding=True)
+        rows = [targets.index(t) for t in scored]
+        scores[rows] = np.stack([sdr, sir, isr, sar], axis=1)[..., :frames]
+    table = [
+        (target, frame, float(frame), *map(float, scores[index, :, frame]))
+        for index, target in enumerate(targets)
+        for frame in range(frames)
+    ]
+    return pd.DataFrame(table, columns=["target", "frame", "time", *METRICS])
 
 
 def track_store(track: str, frames: pd.DataFrame) -> museval.TrackStore:

@@ -109,3 +109,22 @@ def test_weights_of_another_architecture_are_refused(tmp_path):
 def test_missing_checkpoint_is_a_clear_error():
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_checkpoint("definitely-not-here")
+
+
+def test_shipped_default_model_loads_with_its_card():
+    from pipeline.training.config import DEFAULT
+
+    model, metadata = load_checkpoint_with_metadata("default")
+    assert model.config == DEFAULT.model and not model.training
+    assert metadata["steps"] == DEFAULT.training.steps
+    assert metadata["data"].startswith("metasep synth")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_saved_checkpoint_follows_the_umask(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        path = save_checkpoint(MultiTasNet(TINY), tmp_path / "m")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644

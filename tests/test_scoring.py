@@ -64,3 +64,12 @@ def test_missing_or_misshapen_estimates_are_reported():
         score_track(refs, {t: ests[t] for t in TARGETS[:3]})
     with pytest.raises(ValueError, match="differs"):
         score_track(refs, {**ests, "bass": ests["bass"][:, :-10]})
+
+
+def test_silent_reference_is_reported_as_nan_and_the_rest_scored():
+    refs, ests = make_track(2, seconds=2)
+    refs["vocals"] = np.zeros_like(refs["vocals"])
+    frames = score_track(refs, ests)
+    assert frames[frames.target == "vocals"].SDR.isna().all()
+    assert len(frames[frames.target == "vocals"]) == 2
+    assert frames[frames.target != "vocals"].SDR.notna().all()
