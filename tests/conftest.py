@@ -45,3 +45,38 @@ def write_tone_catalog(root: Path, tracks: int = 4, valid: int = 1, seconds: flo
 @pytest.fixture(scope="session")
 def tone_catalog(tmp_path_factory) -> Path:
     return write_tone_catalog(tmp_path_factory.mktemp("tones"))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API (moto's server mode) on 127.0.0.1; yields the fsspec storage options that
+    reach it. Each test makes its own bucket."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield {
+        "endpoint_url": f"http://127.0.0.1:{port}",
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"region_name": "eu-west-1"},
+    }
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server, request):
+    """A fresh bucket on the S3 server: (s3fs filesystem, bucket name, storage options)."""
+    import re
+
+    import s3fs
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-")
+    fs = s3fs.S3FileSystem(**s3_server)
+    fs.mkdir(name)
+    return fs, name, s3_server

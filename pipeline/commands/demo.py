@@ -1,72 +1,106 @@
 """``metasep demo``: the main job on embedded defaults (what ``make run`` runs).
 
-Until the catalog pipeline lands, this separates a short generated signal with a randomly
-initialised paper-size model and says so: it proves the install and the model end to end.
+It builds a small music library with ``metasep synth`` (mixtures only, as a user's library would
+hold), then separates it with the catalog flow exactly as a nightly job would: Prefect's
+ephemeral API, a Ray started in this process, the local file system for storage. Running it
+again separates nothing: every track is already in the manifest.
 """
 
 from __future__ import annotations
 
 import argparse
-import time
+import os
+import shutil
 from pathlib import Path
 
-import numpy as np
-import soundfile as sf
-import soxr
 import torch
 
-from model import STEMS, MultiTasNet, TasNetConfig
+from model import CheckpointError, MultiTasNet, resolve_checkpoint, save_checkpoint
+from pipeline.cli import UsageError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="separate a generated signal (smoke test)")
+    parser = subparsers.add_parser(
+        "demo",
+        help="build a small synthetic library and separate it with the catalog flow",
+        description="Render a small library of songs with FluidSynth into OUT/library, then run "
+        "the catalog flow (Prefect + Ray Data, local defaults) into OUT/separated: stems, "
+        "Parquet manifest and run summary. A second run skips every track.",
+    )
     parser.add_argument("-o", "--out", type=Path, default=Path("out/demo"), help="output folder")
-    parser.add_argument("--seconds", type=float, default=6.0, help="length of the signal")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tracks", type=int, default=6, metavar="N", help="songs (default 6)")
+    parser.add_argument(
+        "--seconds", type=float, default=10.0, metavar="S", help="song length (default 10)"
+    )
+    parser.add_argument(
+        "--checkpoint", default="default", help="model to use (default: the shipped one)"
+    )
     parser.set_defaults(handler=run)
 
 
-def generated_signal(seconds: float, rate: int, seed: int = 0) -> np.ndarray:
-    """A mono test signal with a kick-like pulse, a bass line, a chord and a vibrato 'voice'."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * rate)) / rate
-    beat = (t * 2) % 1.0
-    kick = np.sin(2 * np.pi * 55 * t) * np.exp(-beat * 12)
-    bass = 0.4 * np.sin(2 * np.pi * 82.4 * t * (1 + (t % 2 > 1) * 0.335))
-    chord = 0.2 * sum(np.sin(2 * np.pi * f * t) for f in (261.6, 329.6, 392.0))
-    voice = 0.3 * np.sin(2 * np.pi * 440 * t + 3 * np.sin(2 * np.pi * 5.5 * t))
-    noise = 0.01 * rng.standard_normal(t.size)
-    return (kick + bass + chord + voice + noise).astype(np.float32)
-
-
 def run(args: argparse.Namespace) -> int:
-    config = TasNetConfig()
-    torch.manual_seed(0)
-    model = MultiTasNet(config).to(args.device).eval()
+    from flows.separate import separate_catalog
+    from pipeline.catalog.cli import quiet_client_logs
+    from pipeline.catalog.summary import format_summary
+
+    if not 1 <= args.tracks <= 1000 or not 1.0 <= args.seconds <= 600.0:
+        raise UsageError("--tracks must be 1-1000 and --seconds 1-600")
+    library = build_library(args.out, args.tracks, args.seconds)
+    checkpoint = demo_checkpoint(args.checkpoint, args.out)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    quiet_client_logs()
+    summary = separate_catalog(str(library), str(args.out / "separated"), checkpoint=checkpoint)
+    print()
+    print(format_summary(summary))
+    print(f"summary: {summary['summary_uri']}")
+    print(f"listen: {summary['stems']}/<song>/{{drums,bass,other,vocals}}.flac")
+    return 1 if summary["tracks"]["error"] else 0
+
+
+def build_library(out: Path, tracks: int, seconds: float) -> Path:
+    """``out/library/<song>.wav``: mixtures rendered by ``metasep synth`` (made once)."""
+    from pipeline.synth import SynthError, find_synthesizer, write_dataset
+
+    library = out / "library"
+    if library.is_dir() and len(list(library.glob("*.wav"))) >= tracks:
+        print(f"library: {library}/ (already built)")
+        return library
+    rendered = out / "synth"
+    try:
+        write_dataset(
+            rendered,
+            "test",
+            tracks,
+            seconds,
+            seed=1,
+            synth=find_synthesizer(),
+            workers=len(os.sched_getaffinity(0)),
+        )
+    except SynthError as error:
+        raise UsageError(str(error)) from None
+    library.mkdir(parents=True, exist_ok=True)
+    for folder in sorted((rendered / "test").iterdir()):
+        shutil.copyfile(folder / "mixture.wav", library / f"{folder.name}.wav")
+    print(f"library: {tracks} songs of {seconds:g} s in {library}/ (true stems in {rendered}/)")
+    return library
+
+
+def demo_checkpoint(name: str, out: Path) -> str:
+    """The checkpoint to use; without shipped weights, a random model of the default size (said
+    loudly: its stems prove the pipeline, they are not a separation)."""
+    try:
+        return str(resolve_checkpoint(name))
+    except CheckpointError:
+        if name != "default":
+            raise UsageError(f"no checkpoint {name!r}") from None
+    from pipeline.training.config import PRESETS
+
+    path = out / "random-default-size.safetensors"
+    if not path.exists():
+        torch.manual_seed(0)
+        save_checkpoint(MultiTasNet(PRESETS["default"].model), path, {"note": "random weights"})
     print(
-        f"metasep demo: paper-size Meta-TasNet ({model.parameter_count():,} parameters) with "
-        "RANDOM weights: the stems show the model runs end to end, they are not a separation."
+        "NOTE: no shipped weights (model/weights/default.safetensors): using a RANDOMLY "
+        "initialised model of the default size. The stems show the pipeline, not a separation."
     )
-    seconds = (
-        round(args.seconds * config.sampling_rate / config.W) * config.W / config.sampling_rate
-    )
-    audio = generated_signal(seconds, config.top_rate)
-    mixes = []
-    for rate in config.stage_rates():
-        x = soxr.resample(audio, config.top_rate, rate) if rate != config.top_rate else audio
-        x = x[: round(seconds * rate)]
-        mixes.append(torch.from_numpy(x / (x.std() + 1e-8)).view(1, 1, -1).to(args.device))
-    started = time.perf_counter()
-    outputs = model.inference(mixes, n_chunks=1)
-    elapsed = time.perf_counter() - started
-    args.out.mkdir(parents=True, exist_ok=True)
-    stems = outputs[-1][0, :, 0].float().cpu().numpy() * audio.std()
-    sf.write(args.out / "mixture.wav", audio, config.top_rate)
-    for name, stem in zip(STEMS, stems, strict=True):
-        sf.write(args.out / f"{name}.wav", stem, config.top_rate)
-    print(
-        f"separated {seconds:.1f} s on {args.device} in {elapsed:.1f} s "
-        f"({seconds / elapsed:.2f}x real time, mono)."
-    )
-    print(f"wrote mixture.wav and {', '.join(f'{s}.wav' for s in STEMS)} to {args.out}/")
-    return 0
+    return str(path)

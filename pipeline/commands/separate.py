@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from model import STEMS, CheckpointError, resolve_checkpoint
 from pipeline.audio import FORMATS, AudioError
+from pipeline.catalog import cli as catalog
 from pipeline.cli import UsageError
 from pipeline.separator import (
     DEFAULT_BATCH,
@@ -39,7 +40,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Separate audio files (WAV, FLAC, MP3, OGG, AIFF, M4A, .stem.mp4...) into "
         "stems, written as OUT/<track>/<stem>.<ext>.",
     )
-    parser.add_argument("files", nargs="+", type=Path, metavar="FILE", help="audio files")
+    parser.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help="audio files; or SRC [DST] where SRC is a folder, prefix, glob or list of URIs "
+        "(a catalog: run as the Prefect + Ray flow, see README)",
+    )
     parser.add_argument(
         "-o", "--out", type=Path, default=Path("separated"), help="output folder (./separated)"
     )
@@ -74,10 +81,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--segment", type=float, default=DEFAULT_SEGMENT, help="seconds")
     parser.add_argument("--context", type=float, default=DEFAULT_CONTEXT, help="seconds")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
+    catalog.add_catalog_arguments(parser)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if catalog.wants_catalog(args.files, args.storage_options):
+        return catalog.run_separate_command(args)
+    args.files = [Path(name) for name in args.files]
     outputs = requested_outputs(args.stems, args.two_stems, args.karaoke, args.remix)
     separator = build_separator(args)
     started = time.perf_counter()

@@ -1,0 +1,269 @@
+"""Prefect flow ``separate_catalog``: list a catalog, plan against its manifests, separate the
+rest on Ray, record the run.
+
+The tasks are thin wrappers over :mod:`pipeline.catalog`; storage-facing tasks retry (on top of
+the per-request retries inside them), the Ray job does not (Ray retries its own tasks and
+actors, and a re-run resumes where a failed one stopped). Runs on Prefect's ephemeral API when no
+server is configured, and on a local Ray unless ``ray_address`` or ``RAY_ADDRESS`` names one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from datetime import UTC, datetime
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from model import CheckpointError, load_checkpoint
+from pipeline.catalog.job import (
+    STEM_FORMATS,
+    JobConfig,
+    JobResult,
+    identify_separator,
+    run_job,
+)
+from pipeline.catalog.listing import CatalogError, CatalogTrack, list_catalog
+from pipeline.catalog.manifest import done_records, new_run_id, read_manifests
+from pipeline.catalog.plan import Plan, catalog_options_hash, plan_tracks
+from pipeline.catalog.storage import is_transient, open_location
+from pipeline.catalog.summary import build_summary, format_summary, write_summary
+
+
+def _transient_failure(task, task_run, state) -> bool:
+    """Retry a storage task only for errors that may go away (not a wrong SOURCE, say)."""
+    try:
+        state.result()
+    except Exception as error:
+        return is_transient(error)
+    return False
+
+
+STORAGE_RETRIES = {
+    "retries": 3,
+    "retry_delay_seconds": [2, 10, 30],
+    "retry_condition_fn": _transient_failure,
+    "cache_policy": NO_CACHE,
+}
+
+
+@task(name="list-catalog", **STORAGE_RETRIES)
+def list_tracks(
+    source: str, destination: str, storage_options: dict[str, Any] | None
+) -> list[CatalogTrack]:
+    tracks = list_catalog(source, storage_options, exclude=destination)
+    get_run_logger().info("%s: %d audio files", source, len(tracks))
+    return tracks
+
+
+@task(name="load-model", cache_policy=NO_CACHE)
+def load_model(
+    checkpoint: str,
+    precision: str,
+    separator_options: dict[str, Any],
+    gpus_per_worker: float,
+    ray_address: str | None,
+) -> tuple[Any, str, str]:
+    """The model the workers will hold, its id and the separator's options hash."""
+    try:
+        model = load_checkpoint(checkpoint)
+    except CheckpointError as error:
+        raise CatalogError(str(error)) from None
+    if precision != "float32" and gpus_per_worker > 0:
+        _connect_ray(ray_address)  # the ids may have to come from a GPU worker
+    try:
+        model_id, options = identify_separator(model, precision, separator_options, gpus_per_worker)
+    except ValueError as error:
+        raise CatalogError(str(error).splitlines()[0]) from None
+    return model, model_id, options
+
+
+@task(name="plan-run", **STORAGE_RETRIES)
+def plan_run(
+    tracks: list[CatalogTrack],
+    destination: str,
+    storage_options: dict[str, Any] | None,
+    model_id: str,
+    options_hash: str,
+) -> Plan:
+    fs, root = open_location(destination, storage_options)
+    plan = plan_tracks(tracks, done_records(read_manifests(fs, root)), model_id, options_hash)
+    get_run_logger().info("%d to separate, %d already done", len(plan.todo), len(plan.skipped))
+    return plan
+
+
+@task(name="separate-tracks", cache_policy=NO_CACHE)
+def separate_tracks(
+    todo: list[CatalogTrack], model: Any, config: JobConfig, ray_address: str | None
+) -> JobResult:
+    import ray
+
+    started_here = _connect_ray(ray_address)
+    config = _size_workers(ray, config, strict=started_here)
+    get_run_logger().info(
+        "separating %d tracks on %d worker(s) (%g GPU, %g CPU each)",
+        len(todo),
+        config.workers,
+        config.gpus_per_worker,
+        config.cpus_per_worker,
+    )
+    return run_job(todo, ray.put(model), config)
+
+
+@task(name="write-summary", **STORAGE_RETRIES)
+def record_run(summary: dict[str, Any], storage_options: dict[str, Any] | None) -> str:
+    return write_summary(summary, storage_options)
+
+
+@flow(name="separate-catalog", log_prints=True)
+def separate_catalog(
+    source: str,
+    destination: str,
+    checkpoint: str = "default",
+    workers: int | None = None,
+    gpus_per_worker: float = 0.0,
+    cpus_per_worker: float = 1.0,
+    ray_address: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    precision: str = "float32",
+    separator_options: dict[str, Any] | None = None,
+    stem_format: str = "flac",
+    fail_on_error: bool = False,
+    run_id: str | None = None,
+    flush_rows: int = 256,
+    flush_seconds: float = 10.0,
+) -> dict[str, Any]:
+    """Separate every audio file under ``source`` not yet done into ``destination``.
+
+    Returns the run summary (also written to ``destination/runs/<run_id>.json``).
+    ``workers`` defaults to one per GPU (``gpus_per_worker`` > 0) or to the CPUs left after one
+    for decoding and upload. ``separator_options`` go to every worker's ``Separator``
+    (``segment``, ``context``, ``batch_size``).
+    """
+    if stem_format not in STEM_FORMATS:
+        raise CatalogError(f"stem format must be one of {', '.join(STEM_FORMATS)}")
+    for location in (source, destination):
+        if str(location).startswith("memory://"):
+            raise CatalogError(
+                f"{location}: memory:// lives inside one process and Ray workers are other "
+                "processes; use a local folder or object storage"
+            )
+    started_at = datetime.now(UTC)
+    run_id = run_id or new_run_id()
+    separator_options = dict(separator_options or {})
+    try:
+        tracks = list_tracks(source, destination, storage_options)
+        model, model_id, separator_hash = load_model(
+            checkpoint, precision, separator_options, gpus_per_worker, ray_address
+        )
+        options_hash = catalog_options_hash(separator_hash, stem_format)
+        plan = plan_run(tracks, destination, storage_options, model_id, options_hash)
+        config = JobConfig(
+            destination=destination,
+            run_id=run_id,
+            model_id=model_id,
+            options_hash=options_hash,
+            precision=precision,
+            separator_options=separator_options,
+            stem_format=stem_format,
+            workers=workers or 0,
+            gpus_per_worker=gpus_per_worker,
+            cpus_per_worker=cpus_per_worker,
+            storage_options=storage_options,
+            fail_on_error=fail_on_error,
+            flush_rows=flush_rows,
+            flush_seconds=flush_seconds,
+        )
+        result = separate_tracks(plan.todo, model, config, ray_address) if plan.todo else None
+    finally:
+        _disconnect_ray()
+    summary = build_summary(
+        run_id=run_id,
+        source=source,
+        destination=destination,
+        plan=plan,
+        result=result or JobResult(),
+        model_id=model_id,
+        options_hash=options_hash,
+        started_at=started_at,
+        finished_at=datetime.now(UTC),
+        storage_options=storage_options,
+    )
+    summary["summary_uri"] = record_run(summary, storage_options)
+    _publish_artifact(summary)
+    return summary
+
+
+_RAY_STARTED_BY_FLOW = False
+
+
+def _connect_ray(ray_address: str | None) -> bool:
+    """Join the cluster at ``ray_address`` / ``RAY_ADDRESS``, else start a local Ray (unless one
+    is already up in this process). Returns whether the flow started a local Ray."""
+    import ray
+
+    global _RAY_STARTED_BY_FLOW
+    if not ray.is_initialized():
+        address = ray_address or os.environ.get("RAY_ADDRESS")
+        ray.init(address=address, include_dashboard=False, configure_logging=False)
+        _RAY_STARTED_BY_FLOW = address is None
+    return _RAY_STARTED_BY_FLOW
+
+
+def _disconnect_ray() -> None:
+    """Stop the local Ray the flow started (a cluster it joined, or a Ray it found, stays)."""
+    import ray
+
+    global _RAY_STARTED_BY_FLOW
+    if _RAY_STARTED_BY_FLOW:
+        ray.shutdown()
+        _RAY_STARTED_BY_FLOW = False
+
+
+def _size_workers(ray, config: JobConfig, strict: bool) -> JobConfig:
+    """Fill in the default number of workers and check that the cluster can hold them plus the
+    decode/encode tasks (a local Ray cannot grow: asking for more would wait forever)."""
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    workers = config.workers
+    if not workers:
+        if config.gpus_per_worker > 0:
+            workers = max(1, math.floor(gpus / config.gpus_per_worker))
+        else:
+            workers = max(1, math.floor((cpus - 1) / config.cpus_per_worker))
+    needed_cpus = workers * config.cpus_per_worker + 2 * config.io_cpus
+    needed_gpus = workers * config.gpus_per_worker
+    if needed_cpus > cpus or needed_gpus > gpus:
+        message = (
+            f"{workers} worker(s) with {config.cpus_per_worker:g} CPU and "
+            f"{config.gpus_per_worker:g} GPU each, plus decoding and upload, need "
+            f"{needed_cpus:g} CPUs and {needed_gpus:g} GPUs; the cluster has {cpus:g} and {gpus:g}"
+        )
+        if strict:
+            raise CatalogError(message)
+        get_run_logger().warning("%s (waiting for the cluster to grow)", message)
+    return JobConfig(**{**config.__dict__, "workers": workers})
+
+
+def _publish_artifact(summary: dict[str, Any]) -> None:
+    """A table artifact in Prefect's UI: the counts and the throughput of the run."""
+    tracks = summary["tracks"]
+    rows = [{"measure": f"tracks {name}", "value": count} for name, count in tracks.items()]
+    rows += [
+        {"measure": "audio seconds", "value": summary["audio_seconds"]},
+        {"measure": "job wall seconds", "value": summary["job_seconds"]},
+        {"measure": "audio seconds per second", "value": summary["audio_seconds_per_second"]},
+    ]
+    rows += [
+        {"measure": f"worker {name} busy fraction", "value": worker["busy_fraction"]}
+        for name, worker in summary["workers"].items()
+    ]
+    create_table_artifact(
+        table=rows,
+        key="separate-catalog",
+        description=f"run {summary['run_id']}: stems in {summary['stems']}",
+    )
+    get_run_logger().info("%s", format_summary(summary).splitlines()[0])

@@ -1,0 +1,138 @@
+"""``metasep separate SRC DST`` for catalogs: the command-line face of the Prefect flow.
+
+``pipeline/commands/separate.py`` hands over here when SRC is a folder, prefix, glob or manifest
+of URIs. This is the one place where ``pipeline`` reaches up into ``flows``: the command is the
+entry point that starts the flow, so the import happens only when a catalog is run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from typing import Any
+
+from model import STEMS, CheckpointError, resolve_checkpoint
+from pipeline.catalog.job import STEM_FORMATS
+from pipeline.catalog.listing import CatalogError, is_catalog_source
+
+
+def add_catalog_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that only a catalog run has."""
+    group = parser.add_argument_group("catalogs (SRC a folder, prefix, glob or list of URIs)")
+    group.add_argument(
+        "--workers", type=int, metavar="N", help="model workers (default: one per GPU, or CPUs-1)"
+    )
+    group.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G")
+    group.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C")
+    group.add_argument("--ray-address", help="existing Ray cluster (default: RAY_ADDRESS or local)")
+    group.add_argument(
+        "--storage-options",
+        type=_json_object,
+        metavar="JSON",
+        help='fsspec options, e.g. \'{"endpoint_url": "http://minio:9000"}\'',
+    )
+    group.add_argument(
+        "--fail-on-error", action="store_true", help="stop at the first track that fails"
+    )
+    group.add_argument("--run-id", help="name of the run (default: UTC time and a random suffix)")
+
+
+def quiet_client_logs() -> None:
+    """Keep the per-request lines of Prefect's HTTP client out of the command's output."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def wants_catalog(sources: list[str], storage_options: dict[str, Any] | None) -> bool:
+    """Whether ``metasep separate`` was given a catalog SRC (then maybe DST), not audio files."""
+    return 1 <= len(sources) <= 2 and is_catalog_source(sources[0], storage_options)
+
+
+def run_separate_command(args: argparse.Namespace) -> int:
+    """``metasep separate SRC [DST]`` with a catalog SRC: DST is the second argument, else
+    ``--out``. Options that shape single-file outputs do not apply and are refused."""
+    from pipeline.cli import UsageError
+
+    for option, unset in (("two_stems", None), ("karaoke", False), ("remix", None)):
+        if getattr(args, option, unset) != unset:
+            raise UsageError(
+                f"--{option.replace('_', '-')} is for files; a catalog run writes the four stems"
+            )
+    if tuple(getattr(args, "stems", STEMS)) != STEMS:
+        raise UsageError("--stems is for files; a catalog run writes the four stems")
+    if getattr(args, "device", None):
+        raise UsageError("--device is for files; catalog workers take --gpus-per-worker")
+    source = str(args.files[0])
+    destination = str(args.files[1]) if len(args.files) == 2 else str(args.out)
+    separator_options = {
+        name: getattr(args, name)
+        for name in ("segment", "context", "batch_size")
+        if getattr(args, name, None) is not None
+    }
+    return run_catalog(
+        source,
+        destination,
+        args,
+        checkpoint=args.checkpoint,
+        precision=args.precision,
+        stem_format=args.format,
+        separator_options=separator_options,
+    )
+
+
+def run_catalog(
+    source: str,
+    destination: str,
+    args: argparse.Namespace,
+    checkpoint: str = "default",
+    precision: str = "float32",
+    stem_format: str = "flac",
+    separator_options: dict[str, Any] | None = None,
+) -> int:
+    """Run the flow; exit code 0 when every track is done, 1 when any failed or was left."""
+    from flows.separate import separate_catalog
+    from pipeline.catalog.summary import format_summary
+    from pipeline.cli import UsageError
+
+    if stem_format not in STEM_FORMATS:
+        raise UsageError(f"stem format must be one of {', '.join(STEM_FORMATS)}")
+    try:
+        resolve_checkpoint(checkpoint)  # before the flow starts: a missing file is a typo
+    except CheckpointError as error:
+        hint = "; pass --checkpoint PATH" if checkpoint == "default" else ""
+        raise UsageError(f"{error}{hint}") from None
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be 1 or more, not {args.workers}")
+    quiet_client_logs()
+    try:
+        summary = separate_catalog(
+            source,
+            destination,
+            checkpoint=checkpoint,
+            workers=args.workers,
+            gpus_per_worker=args.gpus_per_worker,
+            cpus_per_worker=args.cpus_per_worker,
+            ray_address=args.ray_address,
+            storage_options=args.storage_options,
+            precision=precision,
+            separator_options=separator_options,
+            stem_format=stem_format,
+            fail_on_error=args.fail_on_error,
+            run_id=args.run_id,
+        )
+    except CatalogError as error:
+        raise UsageError(str(error)) from None
+    print(format_summary(summary))
+    print(f"summary: {summary['summary_uri']}")
+    tracks = summary["tracks"]
+    return 1 if tracks["error"] or tracks["not_processed"] else 0
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value

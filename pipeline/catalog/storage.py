@@ -1,0 +1,111 @@
+"""Storage through fsspec: one place that opens locations, retries transient errors and writes
+objects so that a reader never sees a partial file.
+
+Every URL fsspec knows works: local paths, ``file://``, ``s3://`` (s3fs; endpoint, region, profile
+and anonymous access come from the storage options or the usual ``AWS_*`` environment variables,
+so MinIO, Ceph RGW and AWS all work), ``gs://`` where gcsfs is installed, ``memory://``.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Errors that say something about the request, not the network: retrying cannot help.
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# Network errors some clients raise without wrapping them in OSError (botocore, aiohttp).
+_TRANSIENT_NAMES = {
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ConnectionClosedError",
+    "ClientConnectorError",
+    "ServerDisconnectedError",
+    "ClientPayloadError",
+}
+
+
+class StorageError(OSError):
+    """A storage operation that failed for good; the message names the location."""
+
+
+def open_location(url: str, storage_options: dict[str, Any] | None = None):
+    """The filesystem and the protocol-less path of ``url`` (a local path or an fsspec URL)."""
+    fs, path = fsspec.core.url_to_fs(str(url), **(storage_options or {}))
+    return fs, path.rstrip("/") or path
+
+
+def full_url(fs, path: str) -> str:
+    """``path`` with its protocol, as written into manifests (``s3://bucket/key``, ``/abs/path``)."""
+    if isinstance(fs, LocalFileSystem):
+        return path
+    return fs.unstrip_protocol(path)
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether an error from a storage call may go away when the call is repeated."""
+    if isinstance(error, _PERMANENT):
+        return False
+    if isinstance(error, OSError | TimeoutError | ConnectionError):
+        return True
+    return any(cls.__name__ in _TRANSIENT_NAMES for cls in type(error).__mro__)
+
+
+def retry_storage(
+    call: Callable[[], T], what: str, attempts: int = 5, first_delay: float = 0.5
+) -> T:
+    """Run ``call``, repeating it with exponential back-off while it fails transiently.
+
+    Object stores fail now and then (throttling, resets, timeouts); a catalog of 100,000 tracks
+    meets such errors every night, and one of them must not cost a track.
+    """
+    delay = first_delay
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except Exception as error:
+            if not is_transient(error) or attempt == attempts:
+                raise
+            log.warning("%s failed (%s), retry %d/%d", what, error, attempt, attempts - 1)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def read_bytes(fs, path: str) -> bytes:
+    """The whole object at ``path``, with retries."""
+    return retry_storage(lambda: fs.cat_file(path), f"reading {path}")
+
+
+def write_bytes(fs, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that the object appears whole or not at all.
+
+    Object stores publish an upload only when it completes; on a local disk the bytes go to a
+    temporary name in the same folder first and are renamed into place.
+    """
+
+    def write() -> None:
+        parent = posixpath.dirname(path)
+        if isinstance(fs, LocalFileSystem):
+            fs.makedirs(parent, exist_ok=True)
+            temporary = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex}")
+            try:
+                fs.pipe_file(temporary, data)
+                fs.mv(temporary, path)
+            finally:
+                if fs.exists(temporary):
+                    fs.rm_file(temporary)
+        else:
+            fs.pipe_file(path, data)
+
+    retry_storage(write, f"writing {path}")

@@ -1,0 +1,110 @@
+"""The run summary: ``DST/runs/<run_id>.json`` and the lines printed at the end of a run."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from datetime import datetime
+from typing import Any
+
+from pipeline.catalog.job import JobResult
+from pipeline.catalog.manifest import manifest_root
+from pipeline.catalog.plan import Plan
+from pipeline.catalog.storage import full_url, open_location, write_bytes
+
+MAX_LISTED_ERRORS = 100
+
+
+def build_summary(
+    *,
+    run_id: str,
+    source: str,
+    destination: str,
+    plan: Plan,
+    result: JobResult,
+    model_id: str,
+    options_hash: str,
+    started_at: datetime,
+    finished_at: datetime,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What a run did, where its outputs are and how fast each worker was."""
+    fs, root = open_location(destination, storage_options)
+    wall_s = (finished_at - started_at).total_seconds()
+    return {
+        "run_id": run_id,
+        "source": source,
+        "destination": destination,
+        "stems": full_url(fs, posixpath.join(root, "stems")),
+        "manifest": full_url(fs, manifest_root(root)),  # a hive-partitioned Parquet dataset
+        "model_id": model_id,
+        "options_hash": options_hash,
+        "started_at": started_at.isoformat(),
+        "finished_at": finished_at.isoformat(),
+        "tracks": {
+            "listed": len(plan.todo) + len(plan.skipped),
+            "planned": len(plan.todo),
+            "ok": result.ok,
+            "error": result.error,
+            "skipped": len(plan.skipped),
+            "not_processed": len(plan.todo) - result.ok - result.error,
+        },
+        "stopped_early": result.stopped_early,
+        "audio_seconds": round(result.audio_s, 3),
+        "wall_seconds": round(wall_s, 3),
+        "job_seconds": round(result.wall_s, 3),
+        "audio_seconds_per_second": round(result.audio_s / result.wall_s, 3)
+        if result.wall_s
+        else None,
+        "workers": {
+            name: {
+                "tracks": stats.tracks,
+                "audio_seconds": round(stats.audio_s, 3),
+                "model_busy_seconds": round(stats.model_s, 3),
+                "wall_seconds_after_startup": round(stats.wall_s, 3),
+                "busy_fraction": round(stats.busy_fraction, 4),
+            }
+            for name, stats in sorted(result.workers.items())
+        },
+        "errors": [
+            {"track_id": track_id, "error": message}
+            for track_id, message in result.errors[:MAX_LISTED_ERRORS]
+        ],
+    }
+
+
+def write_summary(summary: dict[str, Any], storage_options: dict[str, Any] | None = None) -> str:
+    """Write ``DST/runs/<run_id>.json``; returns its URL."""
+    fs, root = open_location(summary["destination"], storage_options)
+    path = posixpath.join(root, "runs", f"{summary['run_id']}.json")
+    write_bytes(fs, path, json.dumps(summary, indent=2, ensure_ascii=False).encode())
+    return full_url(fs, path)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The few lines a person reads at the end of a run."""
+    tracks = summary["tracks"]
+    speed = summary["audio_seconds_per_second"]
+    lines = [
+        f"run {summary['run_id']}: {tracks['listed']} tracks listed, {tracks['skipped']} already "
+        f"done, {tracks['planned']} planned: {tracks['ok']} ok, {tracks['error']} failed"
+        + (f", {tracks['not_processed']} not processed" if tracks["not_processed"] else ""),
+        f"separated {summary['audio_seconds']:.1f} s of audio in {summary['job_seconds']:.1f} s"
+        + (f" ({speed:.2f} s of audio per second)" if speed else "")
+        + f"; whole run {summary['wall_seconds']:.1f} s"
+        if tracks["planned"]
+        else "nothing to separate: every track is already in the manifest",
+    ]
+    for name, worker in summary["workers"].items():
+        lines.append(
+            f"  worker {name}: {worker['tracks']} tracks, model busy "
+            f"{worker['model_busy_seconds']:.1f} s of {worker['wall_seconds_after_startup']:.1f} s "
+            f"({100 * worker['busy_fraction']:.0f}%)"
+        )
+    for error in summary["errors"][:10]:
+        lines.append(f"  failed {error['track_id']}: {error['error']}")
+    if tracks["error"] > 10:
+        lines.append(f"  ... {tracks['error'] - 10} more failures in the manifest")
+    lines.append(f"stems: {summary['stems']}/")
+    lines.append(f"manifest: {summary['manifest']}/ (one row per track and run)")
+    return "\n".join(lines)
