@@ -32,12 +32,14 @@ def two_node_cluster():
     cluster.shutdown()
 
 
-def remove_a_busy_node(cluster, nodes, manifests, removed: list) -> None:
-    """Once two rows are in the manifest, remove the node whose worker wrote the first."""
+def remove_a_busy_node(cluster, nodes, manifests, removed: list, job_done: threading.Event) -> None:
+    """Once two rows are in the manifest, remove the node whose worker wrote the first.
+
+    Waits as long as the job runs (start-up can take minutes on a loaded machine).
+    """
     import pyarrow.parquet as pq
 
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
+    while not job_done.is_set():
         parts = sorted(manifests.glob("run=*/part-*.parquet"))
         if len(parts) >= 2:
             worker = pq.read_table(parts[0]).column("worker")[0].as_py()
@@ -73,12 +75,17 @@ def test_node_removed_mid_run_every_track_exactly_once(two_node_cluster, tmp_pat
         flush_rows=1,
     )
     removed: list = []
+    job_done = threading.Event()
+    manifests = tmp_path / "out" / "manifest"
     watcher = threading.Thread(
-        target=remove_a_busy_node, args=(cluster, nodes, tmp_path / "out" / "manifest", removed)
+        target=remove_a_busy_node, args=(cluster, nodes, manifests, removed, job_done)
     )
     watcher.start()
-    result = run_job(list_catalog(str(source)), ray.put(model), config)
-    watcher.join()
+    try:
+        result = run_job(list_catalog(str(source)), ray.put(model), config)
+    finally:
+        job_done.set()
+        watcher.join()
 
     assert removed, "no node was removed"
     fs, root = open_location(destination)

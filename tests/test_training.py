@@ -203,7 +203,8 @@ def test_train_command_writes_checkpoints_and_metrics(tone_catalog, tmp_path, ca
     model = load_checkpoint(out / "best.safetensors")
     assert isinstance(model, MultiTasNet) and model.config == TINY_MODEL
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert {"loss", "lr", "si_snr"} <= set(records[0]) and "valid" in records[-1]
+    assert records[0]["step"] == 0 and "valid" in records[0]  # the untrained baseline
+    assert {"loss", "lr", "si_snr"} <= set(records[1]) and "valid" in records[-1]
     assert "best.safetensors" in capsys.readouterr().out
 
 

@@ -15,7 +15,9 @@ from pipeline.training.config import RunConfig, TrainConfig
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    # address="local": always a new cluster, never one another test left running
+    ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     yield
     ray.shutdown()
 
