@@ -4,13 +4,14 @@ rest on Ray, record the run.
 The tasks are thin wrappers over :mod:`pipeline.catalog`; storage-facing tasks retry (on top of
 the per-request retries inside them), the Ray job does not (Ray retries its own tasks and
 actors, and a re-run resumes where a failed one stopped). Runs on Prefect's ephemeral API when no
-server is configured, and on a local Ray unless ``ray_address`` or ``RAY_ADDRESS`` names one.
+server is configured, and on a local Ray unless ``ray_address`` (or ``METASEP_RAY_ADDRESS``, or
+``RAY_ADDRESS``) names one. Parameters left ``None`` come from :mod:`pipeline.settings`, i.e.
+the ``METASEP_*`` environment of the process that runs the flow (a Prefect worker, say).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,6 +32,7 @@ from pipeline.catalog.manifest import done_records, new_run_id, read_manifests
 from pipeline.catalog.plan import Plan, catalog_options_hash, plan_tracks
 from pipeline.catalog.storage import is_transient, open_location
 from pipeline.catalog.summary import build_summary, format_summary, write_summary
+from pipeline.settings import credential_keys, load_settings
 
 
 def _transient_failure(task, task_run, state) -> bool:
@@ -122,15 +124,15 @@ def record_run(summary: dict[str, Any], storage_options: dict[str, Any] | None) 
 def separate_catalog(
     source: str,
     destination: str,
-    checkpoint: str = "default",
+    checkpoint: str | None = None,
     workers: int | None = None,
-    gpus_per_worker: float = 0.0,
-    cpus_per_worker: float = 1.0,
+    gpus_per_worker: float | None = None,
+    cpus_per_worker: float | None = None,
     ray_address: str | None = None,
     storage_options: dict[str, Any] | None = None,
-    precision: str = "float32",
+    precision: str | None = None,
     separator_options: dict[str, Any] | None = None,
-    stem_format: str = "flac",
+    stem_format: str | None = None,
     fail_on_error: bool = False,
     run_id: str | None = None,
     flush_rows: int = 256,
@@ -141,8 +143,31 @@ def separate_catalog(
     Returns the run summary (also written to ``destination/runs/<run_id>.json``).
     ``workers`` defaults to one per GPU (``gpus_per_worker`` > 0) or to the CPUs left after one
     for decoding and upload. ``separator_options`` go to every worker's ``Separator``
-    (``segment``, ``context``, ``batch_size``).
+    (``segment``, ``context``, ``batch_size``). Parameters left ``None`` take their value from
+    the settings (``METASEP_*``); ``storage_options`` are merged over ``METASEP_STORAGE_OPTIONS``
+    and should hold no credentials, since Prefect records flow parameters.
     """
+    settings = load_settings(
+        checkpoint=checkpoint,
+        workers=workers,
+        gpus_per_worker=gpus_per_worker,
+        cpus_per_worker=cpus_per_worker,
+        ray_address=ray_address,
+        storage_options=storage_options,
+        precision=precision,
+        stem_format=stem_format,
+    )
+    logger = get_run_logger()
+    logger.info("settings: %s", settings.describe())
+    if credential_keys(storage_options):
+        logger.warning(
+            "the storage_options parameter holds %s: Prefect records flow parameters, so pass "
+            "credentials in METASEP_STORAGE_OPTIONS or AWS_* on the worker instead",
+            ", ".join(credential_keys(storage_options)),
+        )
+    checkpoint, workers, ray_address = settings.checkpoint, settings.workers, settings.ray_address
+    gpus_per_worker, precision = settings.gpus_per_worker, settings.precision
+    stem_format, storage_options = settings.stem_format, settings.options()
     if stem_format not in STEM_FORMATS:
         raise CatalogError(f"stem format must be one of {', '.join(STEM_FORMATS)}")
     for location in (source, destination):
@@ -171,7 +196,7 @@ def separate_catalog(
             stem_format=stem_format,
             workers=workers or 0,
             gpus_per_worker=gpus_per_worker,
-            cpus_per_worker=cpus_per_worker,
+            cpus_per_worker=settings.cpus_per_worker,
             storage_options=storage_options,
             fail_on_error=fail_on_error,
             flush_rows=flush_rows,
@@ -201,15 +226,19 @@ _RAY_STARTED_BY_FLOW = False
 
 
 def _connect_ray(ray_address: str | None) -> bool:
-    """Join the cluster at ``ray_address`` / ``RAY_ADDRESS``, else start a local Ray (unless one
-    is already up in this process). Returns whether the flow started a local Ray."""
+    """Join the cluster at ``ray_address`` (resolved by the settings), else start a local Ray
+    (unless one is already up in this process). Returns whether the flow started a local Ray.
+
+    "local" makes Ray start its own instance: with no address, ``ray.init`` would join whatever
+    cluster ``ray start`` last recorded on this machine, someone else's perhaps.
+    """
     import ray
 
     global _RAY_STARTED_BY_FLOW
     if not ray.is_initialized():
-        address = ray_address or os.environ.get("RAY_ADDRESS")
+        address = ray_address or "local"
         ray.init(address=address, include_dashboard=False, configure_logging=False)
-        _RAY_STARTED_BY_FLOW = address is None
+        _RAY_STARTED_BY_FLOW = ray_address is None
     return _RAY_STARTED_BY_FLOW
 
 

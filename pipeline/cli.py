@@ -13,7 +13,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("benchmark", "convert", "demo", "separate", "synth", "train")
+from pipeline.settings import SettingsError
+
+COMMANDS = ("benchmark", "convert", "demo", "deploy", "separate", "synth", "train")
 
 
 class UsageError(Exception):
@@ -41,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.handler(args) or 0)
-    except UsageError as error:
+    except (UsageError, SettingsError) as error:
         print(f"metasep {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

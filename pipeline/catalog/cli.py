@@ -15,27 +15,47 @@ from typing import Any
 from model import STEMS, CheckpointError, resolve_checkpoint
 from pipeline.catalog.job import STEM_FORMATS
 from pipeline.catalog.listing import CatalogError, is_catalog_source
+from pipeline.settings import Settings, env_name, load_settings, settings_from_args, use_settings
 
 
 def add_catalog_arguments(parser: argparse.ArgumentParser) -> None:
     """The options that only a catalog run has."""
     group = parser.add_argument_group("catalogs (SRC a folder, prefix, glob or list of URIs)")
     group.add_argument(
-        "--workers", type=int, metavar="N", help="model workers (default: one per GPU, or CPUs-1)"
+        "--workers",
+        type=int,
+        metavar="N",
+        help=setting_help("workers", "model workers (default: one per GPU, or CPUs-1)"),
     )
-    group.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G")
-    group.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C")
-    group.add_argument("--ray-address", help="existing Ray cluster (default: RAY_ADDRESS or local)")
+    group.add_argument(
+        "--gpus-per-worker", type=float, metavar="G", help=setting_help("gpus_per_worker")
+    )
+    group.add_argument(
+        "--cpus-per-worker", type=float, metavar="C", help=setting_help("cpus_per_worker")
+    )
+    group.add_argument(
+        "--ray-address",
+        help=setting_help("ray_address", "existing Ray cluster (default: RAY_ADDRESS or local)"),
+    )
     group.add_argument(
         "--storage-options",
         type=_json_object,
         metavar="JSON",
-        help='fsspec options, e.g. \'{"endpoint_url": "http://minio:9000"}\'',
+        help=setting_help(
+            "storage_options",
+            'fsspec options, e.g. \'{"endpoint_url": "http://minio:9000"}\', merged over',
+        ),
     )
     group.add_argument(
         "--fail-on-error", action="store_true", help="stop at the first track that fails"
     )
     group.add_argument("--run-id", help="name of the run (default: UTC time and a random suffix)")
+
+
+def setting_help(name: str, text: str | None = None) -> str:
+    """A flag's help that names the environment variable behind its default."""
+    field = Settings.model_fields[name]
+    return f"{text or field.description} (env {env_name(name)})"
 
 
 def quiet_client_logs() -> None:
@@ -44,8 +64,10 @@ def quiet_client_logs() -> None:
 
 
 def wants_catalog(sources: list[str], storage_options: dict[str, Any] | None) -> bool:
-    """Whether ``metasep separate`` was given a catalog SRC (then maybe DST), not audio files."""
-    return 1 <= len(sources) <= 2 and is_catalog_source(sources[0], storage_options)
+    """Whether ``metasep separate`` was given a catalog SRC (then maybe DST), not audio files.
+    ``storage_options`` are the flag's; the ones in the environment are added here."""
+    options = load_settings(storage_options=storage_options).options()
+    return 1 <= len(sources) <= 2 and is_catalog_source(sources[0], options)
 
 
 def run_separate_command(args: argparse.Namespace) -> int:
@@ -69,57 +91,60 @@ def run_separate_command(args: argparse.Namespace) -> int:
         for name in ("segment", "context", "batch_size")
         if getattr(args, name, None) is not None
     }
+    settings = settings_from_args(args, stem_format="format")
     return run_catalog(
         source,
         destination,
-        args,
-        checkpoint=args.checkpoint,
-        precision=args.precision,
-        stem_format=args.format,
+        settings,
         separator_options=separator_options,
+        fail_on_error=args.fail_on_error,
+        run_id=args.run_id,
     )
 
 
 def run_catalog(
     source: str,
     destination: str,
-    args: argparse.Namespace,
-    checkpoint: str = "default",
-    precision: str = "float32",
-    stem_format: str = "flac",
+    settings: Settings,
     separator_options: dict[str, Any] | None = None,
+    fail_on_error: bool = False,
+    run_id: str | None = None,
 ) -> int:
-    """Run the flow; exit code 0 when every track is done, 1 when any failed or was left."""
+    """Run the flow with ``settings``; exit code 0 when every track is done, 1 when any failed
+    or was left.
+
+    The settings reach the flow through :func:`use_settings`, not as flow parameters: storage
+    options may hold credentials, and Prefect records parameters. The other settings are also
+    passed as parameters, so that the run's page in Prefect shows them.
+    """
     from flows.separate import separate_catalog
     from pipeline.catalog.summary import format_summary
     from pipeline.cli import UsageError
 
-    if stem_format not in STEM_FORMATS:
+    if settings.stem_format not in STEM_FORMATS:
         raise UsageError(f"stem format must be one of {', '.join(STEM_FORMATS)}")
     try:
-        resolve_checkpoint(checkpoint)  # before the flow starts: a missing file is a typo
+        resolve_checkpoint(settings.checkpoint)  # before the flow starts: a missing file is a typo
     except CheckpointError as error:
-        hint = "; pass --checkpoint PATH" if checkpoint == "default" else ""
+        hint = "; pass --checkpoint PATH" if settings.checkpoint == "default" else ""
         raise UsageError(f"{error}{hint}") from None
-    if args.workers is not None and args.workers < 1:
-        raise UsageError(f"--workers must be 1 or more, not {args.workers}")
     quiet_client_logs()
     try:
-        summary = separate_catalog(
-            source,
-            destination,
-            checkpoint=checkpoint,
-            workers=args.workers,
-            gpus_per_worker=args.gpus_per_worker,
-            cpus_per_worker=args.cpus_per_worker,
-            ray_address=args.ray_address,
-            storage_options=args.storage_options,
-            precision=precision,
-            separator_options=separator_options,
-            stem_format=stem_format,
-            fail_on_error=args.fail_on_error,
-            run_id=args.run_id,
-        )
+        with use_settings(settings):
+            summary = separate_catalog(
+                source,
+                destination,
+                checkpoint=settings.checkpoint,
+                workers=settings.workers,
+                gpus_per_worker=settings.gpus_per_worker,
+                cpus_per_worker=settings.cpus_per_worker,
+                ray_address=settings.ray_address,
+                precision=settings.precision,
+                separator_options=separator_options,
+                stem_format=settings.stem_format,
+                fail_on_error=fail_on_error,
+                run_id=run_id,
+            )
     except CatalogError as error:
         raise UsageError(str(error)) from None
     print(format_summary(summary))

@@ -17,6 +17,7 @@ import torch
 
 from model import CheckpointError, MultiTasNet, resolve_checkpoint, save_checkpoint
 from pipeline.cli import UsageError
+from pipeline.settings import settings_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--seconds", type=float, default=10.0, metavar="S", help="song length (default 10)"
     )
     parser.add_argument(
-        "--checkpoint", default="default", help="model to use (default: the shipped one)"
+        "--checkpoint", help="model to use (default: METASEP_CHECKPOINT, else the shipped one)"
     )
     parser.set_defaults(handler=run)
 
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.tracks <= 1000 or not 1.0 <= args.seconds <= 600.0:
         raise UsageError("--tracks must be 1-1000 and --seconds 1-600")
     library = build_library(args.out, args.tracks, args.seconds)
-    checkpoint = demo_checkpoint(args.checkpoint, args.out)
+    checkpoint = demo_checkpoint(settings_from_args(args).checkpoint, args.out)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     quiet_client_logs()
     summary = separate_catalog(str(library), str(args.out / "separated"), checkpoint=checkpoint)

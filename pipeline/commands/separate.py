@@ -28,6 +28,7 @@ from pipeline.separator import (
     PRECISIONS,
     Separator,
 )
+from pipeline.settings import Settings, settings_from_args
 
 KARAOKE = "karaoke"
 REMIX = "remix"
@@ -50,11 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "-o", "--out", type=Path, default=Path("separated"), help="output folder (./separated)"
     )
-    parser.add_argument(
-        "--checkpoint", default="default", help="weights: 'default' (shipped) or a file"
-    )
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="float32")
+    parser.add_argument("--checkpoint", help=catalog.setting_help("checkpoint"))
+    parser.add_argument("--device", help=catalog.setting_help("device"))
+    parser.add_argument("--precision", choices=PRECISIONS, help=catalog.setting_help("precision"))
     parser.add_argument(
         "--stems",
         type=_stem_list,
@@ -67,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="STEM",
         help="write STEM and no_STEM (the other three summed) only",
     )
-    parser.add_argument("--format", choices=FORMATS, default="flac", help="flac (24-bit) or wav")
+    parser.add_argument("--format", choices=FORMATS, help=catalog.setting_help("stem_format"))
     parser.add_argument(
         "--karaoke", action="store_true", help=f"also write {KARAOKE}: drums + bass + other"
     )
@@ -90,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         return catalog.run_separate_command(args)
     args.files = [Path(name) for name in args.files]
     outputs = requested_outputs(args.stems, args.two_stems, args.karaoke, args.remix)
-    separator = build_separator(args)
+    settings = settings_from_args(args, stem_format="format")
+    separator = build_separator(args, settings)
     started = time.perf_counter()
     failures: list[str] = []
     folders: dict[Path, Path] = {}
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         folders[destination] = path
         try:
-            separator.separate_file(path, destination, outputs, args.format, progress=True)
+            separator.separate_file(path, destination, outputs, settings.stem_format, progress=True)
         except (AudioError, OSError, FloatingPointError) as error:
             failures.append(str(path))
             _error(str(error) if isinstance(error, AudioError) else f"{path}: {error}")
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - started
     print(
         f"separated {done} of {len(args.files)} file(s) in {elapsed:.1f} s into {args.out}/"
-        f"<track>/ ({', '.join(outputs)} as .{args.format}; model {separator.model_id}, "
+        f"<track>/ ({', '.join(outputs)} as .{settings.stem_format}; model {separator.model_id}, "
         f"{separator.device}, {separator.precision})"
     )
     if failures:
@@ -144,9 +144,10 @@ def requested_outputs(
     return outputs
 
 
-def build_separator(args: argparse.Namespace) -> Separator:
-    """The separator the options ask for, or a UsageError saying why there is none."""
-    if args.checkpoint == "default":
+def build_separator(args: argparse.Namespace, settings: Settings) -> Separator:
+    """The separator the options and settings ask for, or a UsageError saying why there is
+    none."""
+    if settings.checkpoint == "default":
         try:
             resolve_checkpoint("default")
         except CheckpointError:
@@ -156,9 +157,9 @@ def build_separator(args: argparse.Namespace) -> Separator:
             ) from None
     try:
         return Separator(
-            args.checkpoint,
-            device=args.device,
-            precision=args.precision,
+            settings.checkpoint,
+            device=settings.device,
+            precision=settings.precision,
             segment=args.segment,
             context=args.context,
             batch_size=args.batch_size,

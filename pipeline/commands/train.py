@@ -7,7 +7,9 @@ import dataclasses
 import json
 from pathlib import Path
 
+from pipeline.catalog.cli import setting_help
 from pipeline.cli import UsageError
+from pipeline.settings import settings_from_args
 from pipeline.training.config import load_run_config
 
 
@@ -28,23 +30,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--workers", type=int, default=1, help="Ray Train DDP workers (1: in-process)"
     )
-    parser.add_argument("--gpus-per-worker", type=float, default=0.0)
+    parser.add_argument("--gpus-per-worker", type=float, help=setting_help("gpus_per_worker"))
     parser.add_argument(
-        "--device", help="device for in-process training (default: cuda if present)"
+        "--device",
+        help=setting_help("device", "device for in-process training (default: cuda if present)"),
     )
     parser.add_argument(
-        "--ray-address", help="existing Ray cluster (default: RAY_ADDRESS or local)"
+        "--ray-address",
+        help=setting_help("ray_address", "existing Ray cluster (default: RAY_ADDRESS or local)"),
     )
-    parser.add_argument("--cache-dir", type=Path, help="where resampled tracks are cached")
-    parser.add_argument(
-        "--storage-options", type=json.loads, default=None, help="fsspec options as JSON"
-    )
+    parser.add_argument("--cache-dir", type=Path, help=setting_help("cache_dir"))
+    parser.add_argument("--storage-options", type=json.loads, help=setting_help("storage_options"))
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.training.train import prepare_job, train_local, train_ray
 
+    settings = settings_from_args(args)
     try:
         run_config = load_run_config(args.config)
         overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v}
@@ -57,15 +60,15 @@ def run(args: argparse.Namespace) -> int:
             args.out,
             run_config,
             resume=args.resume,
-            storage_options=args.storage_options,
-            cache_dir=args.cache_dir,
+            storage_options=settings.options(),
+            cache_dir=settings.cache_dir / "train",
         )
     except (ValueError, OSError) as error:
         raise UsageError(str(error)) from None
     if args.workers > 1:
-        result = train_ray(job, args.workers, args.gpus_per_worker, args.ray_address)
+        result = train_ray(job, args.workers, settings.gpus_per_worker, settings.ray_address)
     else:
-        result = train_local(job, args.device)
+        result = train_local(job, settings.device)
     valid = result.get("valid") or {}
     print(
         f"trained to step {result.get('step')}; best validation SI-SNR "

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from model import STEMS
 from pipeline.audio import AudioError, read_audio, resample
+from pipeline.settings import load_settings
 from pipeline.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,8 @@ def _read_stems(
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("METASEP_CACHE", Path.home() / ".cache" / "metasep")) / "train"
+    """``<cache_dir>/train``: the cache folder of the settings (``METASEP_CACHE_DIR``)."""
+    return load_settings().cache_dir / "train"
 
 
 def prepare_tracks(

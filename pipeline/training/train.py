@@ -5,12 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pipeline.settings import load_settings
 from pipeline.training.config import RunConfig
 from pipeline.training.data import default_cache_dir, find_tracks, prepare_tracks
 from pipeline.training.loop import Job, Trainer, run, summarize
@@ -81,7 +81,7 @@ def train_ray(
 ) -> dict[str, Any]:
     """Data-parallel training with Ray Train's TorchTrainer: DDP over gloo (CPU) or NCCL (GPU).
 
-    Connects to ``ray_address`` / ``RAY_ADDRESS`` when given, else starts a local Ray. The run
+    Connects to ``ray_address`` (else ``METASEP_RAY_ADDRESS`` / ``RAY_ADDRESS``) when given, else starts a local Ray. The run
     folder must be reachable by every worker (local disk for one machine, shared storage else).
     """
     import ray
@@ -89,7 +89,8 @@ def train_ray(
     from ray.train import ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    address = ray_address or os.environ.get("RAY_ADDRESS")
+    # "local": a Ray of its own, not the cluster `ray start` last recorded on this machine
+    address = load_settings(ray_address=ray_address).ray_address or "local"
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=True)
     use_gpu = gpus_per_worker > 0
