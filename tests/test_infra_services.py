@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.error
 import urllib.request
 import uuid
 from datetime import UTC
@@ -31,6 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 BUCKET = "infra-music"
 ACCESS_KEY = f"AKIA{uuid.uuid4().hex[:16].upper()}"
 SECRET = f"do-not-print-{uuid.uuid4().hex}"
+RAY_TOKEN = uuid.uuid4().hex  # the cluster's token, as the Secret metasep-ray-token holds it
+RAY_AUTH = {"Authorization": f"Bearer {RAY_TOKEN}"}
 
 
 @pytest.fixture(scope="module")
@@ -224,16 +227,21 @@ def test_nightly_deployment_runs_on_a_process_worker(prefect_server, library, s3
 
 
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory, s3_server):
+def ray_head(tmp_path_factory, s3_server, prefect_server):
     """``ray start --head`` on 127.0.0.1 with ports and a temp dir of its own (other tests may
-    run Ray beside it); the credentials are in its environment, as the Secret puts them into
-    the head and worker containers. Yields the dashboard URL (job submission)."""
+    run Ray beside it) and token authentication, as in infra/ray; the storage credentials are
+    in its environment, as the Secret puts them into the head and worker containers, and the
+    jobs' flow runs are recorded by the Prefect server (PREFECT_API_URL, from the ConfigMap).
+    Yields the dashboard URL (job submission)."""
     from ray.job_submission import JobSubmissionClient
 
     home = tmp_path_factory.mktemp("ray-job-home")
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-ms-", dir="/tmp"))  # short: socket paths
     env = base_env(home)
     env.update(
+        PREFECT_API_URL=prefect_server["PREFECT_API_URL"],
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=RAY_TOKEN,
         AWS_ACCESS_KEY_ID=ACCESS_KEY,
         AWS_SECRET_ACCESS_KEY=SECRET,
         METASEP_STORAGE_OPTIONS=json.dumps(storage_options(s3_server, credentials=False)),
@@ -262,7 +270,7 @@ def ray_head(tmp_path_factory, s3_server):
     def reachable():
         head.check_alive()
         try:
-            return JobSubmissionClient(url)
+            return JobSubmissionClient(url, headers=RAY_AUTH)
         except Exception:
             return None
 
@@ -275,10 +283,16 @@ def ray_head(tmp_path_factory, s3_server):
     assert not head.alive()
 
 
-def test_catalog_job_submitted_to_a_ray_head(ray_head, library, s3_server):
+def test_catalog_job_submitted_to_a_ray_head(ray_head, library, s3_server, prefect_server):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    client = JobSubmissionClient(ray_head)
+    with pytest.raises(urllib.error.HTTPError) as refused:  # no token, no jobs
+        urllib.request.urlopen(f"{ray_head}/api/jobs/", timeout=30)
+    assert refused.value.code == 401
+    client = JobSubmissionClient(ray_head, headers=RAY_AUTH)
     destination = f"{BUCKET}/ray-job"
     entrypoint = f"metasep separate s3://{BUCKET}/library s3://{destination} --workers 1"
     job = client.submit_job(entrypoint=entrypoint, submission_id=f"metasep-{uuid.uuid4().hex[:8]}")
@@ -294,5 +308,15 @@ def test_catalog_job_submitted_to_a_ray_head(ray_head, library, s3_server):
     assert "2 planned: 2 ok" in logs
     check_outputs(s3_server, destination, library)
     info = json.dumps(client.get_job_info(job).__dict__, default=str)
-    for text in (logs, info):
-        assert SECRET not in text and ACCESS_KEY not in text
+    with (
+        temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}),
+        get_client(sync_client=True) as prefect,
+    ):
+        runs = prefect.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["separate-catalog"]))
+        )
+    (recorded,) = [r for r in runs if r.parameters["destination"] == f"s3://{destination}"]
+    assert recorded.state.is_completed() and recorded.parameters["workers"] == 1
+    recorded = json.dumps(recorded.model_dump(mode="json"))
+    for text in (logs, info, recorded):
+        assert SECRET not in text and ACCESS_KEY not in text and RAY_TOKEN not in text
