@@ -30,7 +30,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import AliasChoices, Field, Secret, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    Secret,
+    ValidationError,
+    field_serializer,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "METASEP_"
@@ -103,6 +110,16 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, value: Any) -> Any:
         """``RAY_ADDRESS=`` (set but empty) means no cluster, as it does for Ray itself."""
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_serializer("ray_address")
+    def _ray_address_shown(self, value: str | None) -> str | None:
+        return redact_url(value) if value else value
+
+    def __repr_args__(self):
+        """``repr``/``str`` with the user-info of the Ray address hidden (the storage options
+        are a ``Secret`` already)."""
+        for name, value in super().__repr_args__():
+            yield name, (redact_url(value) if name == "ray_address" and value else value)
 
     def options(self) -> dict[str, Any] | None:
         """The storage options for fsspec (``None`` when there are none)."""

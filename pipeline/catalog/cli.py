@@ -15,7 +15,7 @@ from typing import Any
 from model import STEMS, CheckpointError, resolve_checkpoint
 from pipeline.catalog.job import STEM_FORMATS
 from pipeline.catalog.listing import CatalogError, is_catalog_source
-from pipeline.settings import Settings, env_name, load_settings, settings_from_args, use_settings
+from pipeline.settings import Settings, env_name, use_settings
 
 
 def add_catalog_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,13 +64,11 @@ def quiet_client_logs() -> None:
 
 
 def wants_catalog(sources: list[str], storage_options: dict[str, Any] | None) -> bool:
-    """Whether ``metasep separate`` was given a catalog SRC (then maybe DST), not audio files.
-    ``storage_options`` are the flag's; the ones in the environment are added here."""
-    options = load_settings(storage_options=storage_options).options()
-    return 1 <= len(sources) <= 2 and is_catalog_source(sources[0], options)
+    """Whether ``metasep separate`` was given a catalog SRC (then maybe DST), not audio files."""
+    return 1 <= len(sources) <= 2 and is_catalog_source(sources[0], storage_options)
 
 
-def run_separate_command(args: argparse.Namespace) -> int:
+def run_separate_command(args: argparse.Namespace, settings: Settings) -> int:
     """``metasep separate SRC [DST]`` with a catalog SRC: DST is the second argument, else
     ``--out``. Options that shape single-file outputs do not apply and are refused."""
     from pipeline.cli import UsageError
@@ -91,7 +89,6 @@ def run_separate_command(args: argparse.Namespace) -> int:
         for name in ("segment", "context", "batch_size")
         if getattr(args, name, None) is not None
     }
-    settings = settings_from_args(args, stem_format="format")
     return run_catalog(
         source,
         destination,

@@ -85,11 +85,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if catalog.wants_catalog(args.files, args.storage_options):
-        return catalog.run_separate_command(args)
+    settings = settings_from_args(args, stem_format="format")
+    if catalog.wants_catalog(args.files, settings.options()):
+        return catalog.run_separate_command(args, settings)
     args.files = [Path(name) for name in args.files]
     outputs = requested_outputs(args.stems, args.two_stems, args.karaoke, args.remix)
-    settings = settings_from_args(args, stem_format="format")
     separator = build_separator(args, settings)
     started = time.perf_counter()
     failures: list[str] = []
