@@ -63,7 +63,7 @@ def prefect_api():
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -258,3 +258,39 @@ def test_separate_command_runs_the_flow_for_a_folder(
     assert "--karaoke is for files" in capsys.readouterr().err
     assert main(["separate", str(tmp_path / "nowhere" / "*.wav"), str(out)]) == 2
     assert "no audio files" in capsys.readouterr().err
+
+
+def test_cli_storage_options_reach_the_flow_but_not_its_recorded_parameters(
+    tmp_path, prefect_api, ray_local, tiny_checkpoint, capsys
+):
+    """--storage-options may hold credentials: the CLI hands them to the flow as settings, so
+    Prefect records neither them nor the key names' values, and the run's log redacts them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.logging.handlers import APILogHandler
+
+    from pipeline.cli import main
+
+    library, out = tmp_path / "library", tmp_path / "out"
+    library.mkdir()
+    (library / "one.wav").write_bytes(tone_bytes(0.5, 22050, 2, 220.0, "WAV"))
+    secret = f"cli-secret-{os.getpid()}"
+    options = json.dumps({"auto_mkdir": True, "session_token": secret})
+    command = ["separate", str(library), str(out), "--checkpoint", tiny_checkpoint]
+    assert main([*command, "--storage-options", options]) == 0
+    assert (out / "stems" / "one" / "vocals.flac").exists()
+    APILogHandler().flush()  # the run's logs, sent in the background, are on the API now
+    with get_client(sync_client=True) as client:
+        (run,) = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
+        assert run.parameters["storage_options"] is None
+        assert run.parameters["checkpoint"] == tiny_checkpoint
+        logs = [
+            log.message
+            for log in client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id]))
+            )
+        ]
+    assert secret not in json.dumps(run.model_dump(mode="json")) + "".join(logs)
+    (settings_line,) = [line for line in logs if line.startswith("settings:")]
+    assert "'session_token': '***'" in settings_line and "'auto_mkdir': True" in settings_line
