@@ -8,6 +8,7 @@ rebinding. It has no accounts: bind it to another address only on a network you 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -101,7 +102,9 @@ def run(args: argparse.Namespace) -> int:
         access_log=args.verbose,
         timeout_graceful_shutdown=5,
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl+C after shutting down
+        uvicorn.Server(config).run(sockets=[sock])
+    print("metasep serve: stopped; the job folders are deleted", flush=True)
     return 0
 
 

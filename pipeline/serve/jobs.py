@@ -76,6 +76,7 @@ class Job:
     stems: dict[str, Path] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
     seconds: float | None = None  # separation wall time
+    finished_at: float = 0.0  # when it finished (what the retention limit goes by)
     cancelled: bool = False
 
     @property
@@ -243,6 +244,7 @@ class JobManager:
     ) -> Job:
         """Register a job whose stems exist already (a catalog track)."""
         job = Job(job_id, name, folder, info, state=DONE, stems=dict(stems))
+        job.finished_at = time.time()
         job.windows_total = job.windows_done = 1
         with self._lock:
             self._jobs[job.id] = job
@@ -310,17 +312,18 @@ class JobManager:
                 job = self._queue.popleft()
                 self._running = job
                 job.state = RUNNING
-            try:
-                self._separate(job)
-            finally:
-                with self._lock:
-                    self._running = None
-                    forgotten = job.id not in self._jobs
-                if forgotten:  # removed while it ran
-                    shutil.rmtree(job.folder, ignore_errors=True)
-                self._evict()
+            state, job.error = self._separate(job)
+            with self._lock:
+                self._running = None
+                forgotten = job.id not in self._jobs
+            if forgotten:  # removed while it ran
+                shutil.rmtree(job.folder, ignore_errors=True)
+            job.finished_at = time.time()
+            self._evict(finishing=job)
+            job.state = state  # published last: a finished job's limit is already applied
 
-    def _separate(self, job: Job) -> None:
+    def _separate(self, job: Job) -> tuple[str, str | None]:
+        """Separate one upload into its folder; the job's final state and error message."""
         started = time.perf_counter()
         try:
             with counting_windows(
@@ -329,24 +332,26 @@ class JobManager:
                 paths = self.separator.separate_file(job.upload, job.folder / STEMS_FOLDER)
             job.stems = {stem: paths[stem] for stem in STEMS}
             job.seconds = time.perf_counter() - started
-            job.state = DONE
             log.info("job %s separated in %.1f s", job.id, job.seconds)
+            return DONE, None
         except JobCancelled:
-            job.error, job.state = "cancelled", ERROR
+            return ERROR, "cancelled"
         except (AudioError, OSError, FloatingPointError, ValueError) as error:
-            job.error, job.state = public_message(error, job.upload, job.name), ERROR
-            log.warning("job %s failed: %s", job.id, job.error)
+            message = public_message(error, job.upload, job.name)
+            log.warning("job %s failed: %s", job.id, message)
+            return ERROR, message
         except Exception as error:  # the worker must outlive any one job
             log.exception("job %s failed", job.id)
-            job.error, job.state = f"internal error: {type(error).__name__}", ERROR
+            return ERROR, f"internal error: {type(error).__name__}"
         finally:
             job.upload.unlink(missing_ok=True)
 
-    def _evict(self) -> None:
-        """Delete the oldest finished jobs beyond ``keep``."""
+    def _evict(self, finishing: Job | None = None) -> None:
+        """Delete the jobs finished longest ago beyond ``keep`` (``finishing`` counts as one)."""
         with self._lock:
             finished = sorted(
-                (job for job in self._jobs.values() if job.finished), key=lambda j: j.created
+                (job for job in self._jobs.values() if job.finished or job is finishing),
+                key=lambda j: j.finished_at,
             )
             doomed = finished[: max(0, len(finished) - self.keep)]
             for job in doomed:
