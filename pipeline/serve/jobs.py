@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import secrets
 import shutil
 import threading
@@ -37,7 +36,6 @@ log = logging.getLogger(__name__)
 QUEUED, RUNNING, DONE, ERROR = "queued", "running", "done", "error"
 UPLOAD_NAME = "upload"  # the one name an upload gets on disk, inside its job's folder
 STEMS_FOLDER = "stems"
-_JOB_ID = re.compile(r"^[A-Za-z0-9_-]{16}$")
 
 
 class QueueFull(Exception):
@@ -105,10 +103,6 @@ class Job:
 def new_job_id() -> str:
     """A random, URL-safe id of 16 characters (96 bits: not guessable by another client)."""
     return secrets.token_urlsafe(12)
-
-
-def is_job_id(text: str) -> bool:
-    return bool(_JOB_ID.match(text))
 
 
 def probe_audio(path: Path, name: str) -> AudioInfo:

@@ -250,13 +250,32 @@
         separating: `Separating: ${Math.round(job.progress * 100)}% (${job.windows_done} of ${job.windows_total} windows)`,
         writing: "Writing the stems…",
       }[job.phase];
-      setProgress(Math.max(0.02, job.progress * 0.95), text);
+      setProgress(Math.max(0.02, estimatedProgress(job) * 0.95), text);
     } else if (job.state === "done") {
       setProgress(0.96, "Loading the stems into your browser…");
     } else if (job.state === "error") {
       backToStart();
       showError(job.error === "cancelled" ? "The separation was cancelled." : job.error);
     }
+  }
+
+  // The server counts windows as the network finishes each batch of them; between two counts
+  // the bar moves on at the pace measured so far, and never reaches the end before the server.
+  let pace = null;
+  function estimatedProgress(job) {
+    const now = performance.now();
+    if (!pace || pace.id !== job.id || job.windows_done < pace.done) {
+      pace = { id: job.id, start: now, done: job.windows_done, at: now };
+    }
+    if (job.windows_done !== pace.done) {
+      pace.done = job.windows_done;
+      pace.at = now;
+    }
+    const total = job.windows_total;
+    if (!total || !pace.done || pace.done >= total) return job.progress;
+    const perWindow = (pace.at - pace.start) / pace.done;
+    const ahead = Math.min((now - pace.at) / perWindow, (total - pace.done) * 0.9);
+    return (pace.done + ahead) / total;
   }
 
   async function cancel() {
