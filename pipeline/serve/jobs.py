@@ -123,7 +123,7 @@ def public_message(error: BaseException, path: Path, name: str) -> str:
     text = text.replace(str(path), name)
     if text.startswith(f"{path.name}: "):  # audio errors name a Path input by its last part
         text = f"{name}: {text[len(path.name) + 2 :]}"
-    return text
+    return text.replace(f"({name}: ", "(")  # a decoder's reason need not repeat the name
 
 
 @contextlib.contextmanager
