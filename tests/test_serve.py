@@ -149,6 +149,14 @@ def test_non_audio_upload_is_refused_with_the_reason(client, workdir):
     assert set(workdir.iterdir()) == before  # nothing kept
 
 
+def test_upload_without_its_name_header_is_refused(client):
+    # what a cross-site HTML form would send: no custom header is possible there
+    response = client.post(
+        "/api/jobs", content=wav_bytes(tone(1.0)), headers={"Content-Type": "text/plain"}
+    )
+    assert response.status_code == 400 and "X-Filename" in response.json()["error"]
+
+
 def test_empty_upload_is_refused(client):
     response = client.post("/api/jobs", content=b"", headers={"X-Filename": "empty.wav"})
     assert response.status_code == 400
@@ -174,7 +182,8 @@ def test_oversize_upload_is_413_declared_or_streamed(client, workdir):
 def test_too_long_audio_is_refused(separator, tmp_path):
     settings = Settings(max_seconds=1.0, workdir=tmp_path)
     with TestClient(create_app(separator, settings)) as client:
-        response = client.post("/api/jobs", content=wav_bytes(tone(2.0)))
+        headers = {"X-Filename": "long.wav"}
+        response = client.post("/api/jobs", content=wav_bytes(tone(2.0)), headers=headers)
     assert response.status_code == 422
     assert "longer than this server's limit" in response.json()["error"]
 
@@ -338,7 +347,9 @@ def test_catalog_tracks_can_be_listed_opened_and_remixed(separator, tmp_path):
         expected = tone(1.5) * (2 * 0.1 + 0.2 + 0.3)
         np.testing.assert_allclose(remix, expected, atol=1e-5)
         assert client.post("/api/catalog/open", json={"key": "nope"}).status_code == 404
-        assert client.post("/api/catalog/open", content=b"[]").status_code == 400
+        assert client.post("/api/catalog/open", json=[]).status_code == 400
+        form = client.post("/api/catalog/open", content=f'{{"key": "{key}"}}'.encode())
+        assert form.status_code == 415  # not JSON by its Content-Type
     assert (destination / "stems" / "album" / "first song" / "drums.flac").exists()  # untouched
 
 

@@ -3,8 +3,10 @@
 API (all under ``/api``; errors are ``{"error": "<one line>"}`` with a 4xx/5xx status):
 
 - ``GET  /api/config``: stems, upload and length limits, whether a catalog is open, the model id.
-- ``POST /api/jobs``: the request body is the audio file itself (any format ffmpeg reads; the
-  ``X-Filename`` header, URL-encoded, is its name for display only). 202 with the job; 413 over
+- ``POST /api/jobs``: the request body is the audio file itself (any format ffmpeg reads); the
+  ``X-Filename`` header, URL-encoded, is its name for display only. The header is required: a
+  cross-site form cannot send one, and a cross-site script would need a CORS preflight that this
+  server never grants, so other web sites cannot start jobs. 202 with the job; 413 over
   the size limit; 415 when the body does not decode as audio; 422 when it is too long; 503 when
   the queue is full.
 - ``GET  /api/jobs/{id}``: state (queued, running, done, error), queue position, progress.
@@ -193,7 +195,9 @@ class _Api:
         )
 
     async def create_job(self, request: Request) -> Response:
-        name = display_name(unquote(request.headers.get("x-filename", "")))
+        if "x-filename" not in request.headers:  # also what keeps other sites' forms out
+            raise ApiError(400, "send the file's name in the X-Filename header (URL-encoded)")
+        name = display_name(unquote(request.headers["x-filename"]))
         limit = self.settings.max_upload_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -285,6 +289,8 @@ class _Api:
 
     async def open_catalog_track(self, request: Request) -> Response:
         catalog = self._catalog()
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            raise ApiError(415, "send JSON (Content-Type: application/json)")
         try:
             key = str((await request.json())["key"])
         except (ValueError, KeyError, TypeError):
