@@ -189,20 +189,20 @@ def test_too_long_audio_is_refused(separator, tmp_path):
 
 
 def test_uploaded_names_never_become_paths(client, workdir):
-    name = "../../../etc/x/..\\evil\x00name.wav"
+    name = "../../../etc/x/..\\zz_escape\x00probe.wav"
     response = client.post(
         "/api/jobs", content=wav_bytes(tone(1.0)), headers={"X-Filename": quote(name)}
     )
     assert response.status_code == 202
     job = wait_done(client, response.json()["id"])
-    assert job["name"] == "evil_name.wav"
+    assert job["name"] == "zz_escape_probe.wav"
     folder = workdir / job["id"]
     assert folder.is_dir() and folder.parent == workdir
     written = {p.relative_to(folder).as_posix() for p in folder.rglob("*")}
     assert written == {"stems"} | {f"stems/{stem}.flac" for stem in STEMS}
-    assert not list(workdir.parent.rglob("*evil*"))
+    assert not list(workdir.parent.rglob("*zz_escape*"))
     disposition = client.get(job["stems"]["vocals"]).headers["content-disposition"]
-    assert 'filename="evil_name - vocals.flac"' in disposition
+    assert 'filename="zz_escape_probe - vocals.flac"' in disposition
 
 
 @pytest.mark.parametrize(
