@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from pipeline.settings import SettingsError
 
-COMMANDS = ("benchmark", "convert", "demo", "deploy", "separate", "synth", "train")
+COMMANDS = ("benchmark", "convert", "demo", "deploy", "separate", "serve", "synth", "train")
 
 
 class UsageError(Exception):
