@@ -424,3 +424,15 @@ def test_build_context_ships_the_weights_and_installs_them(tmp_path):
         .decode()
     )
     assert "metasep = pipeline.cli:main" in entry_points
+
+
+def test_deploy_needs_a_prefect_server(monkeypatch, capsys):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from pipeline.cli import main
+
+    monkeypatch.setenv("METASEP_NIGHTLY_SOURCE", "s3://music/library")
+    monkeypatch.setenv("METASEP_NIGHTLY_DESTINATION", "s3://music/separated")
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert main(["deploy"]) == 2
+    assert "PREFECT_API_URL is not set" in capsys.readouterr().err

@@ -144,7 +144,7 @@ def test_nightly_deployment_runs_on_a_process_worker(prefect_server, library, s3
         "METASEP_NIGHTLY_DESTINATION": f"s3://{destination}",
     }
     deploy = subprocess.run(
-        [str(BIN / "metasep"), "deploy", "--pool", "process"],
+        [str(BIN / "metasep"), "deploy", "--pool", "all"],
         env=deploy_env,
         cwd=tmp_path,  # the file is found in the checkout the package runs from
         capture_output=True,
@@ -165,6 +165,12 @@ def test_nightly_deployment_runs_on_a_process_worker(prefect_server, library, s3
         (schedule,) = deployment.schedules
         assert (schedule.schedule.cron, schedule.schedule.timezone) == ("0 2 * * *", "UTC")
         assert client.read_work_pool("metasep-process").type == "process"
+        # the Kubernetes variant: the server took the pool's template and the job variables
+        pool = client.read_work_pool("metasep-kubernetes")
+        assert pool.type == "kubernetes" and "metasep-s3" in json.dumps(pool.base_job_template)
+        on_kubernetes = client.read_deployment_by_name("separate-catalog/nightly-k8s")
+        assert on_kubernetes.job_variables["image"].startswith("metasep/metasep:")
+        assert on_kubernetes.parameters["gpus_per_worker"] == 1
 
         # the server's scheduler turns the cron into runs at 02:00 UTC
         of_deployment = DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
