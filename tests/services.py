@@ -61,17 +61,19 @@ class Service:
         assert self.alive(), f"{self.command[:3]} exited:\n{self.output()}"
 
     def stop(self, grace: float = 30.0, first: int = signal.SIGTERM) -> None:
-        """Signal the leader, give it ``grace`` seconds to shut its children down, then kill
-        whatever is left of the group; returns once the group is gone."""
+        """Signal the leader and give it ``grace`` seconds to shut its children down; then
+        terminate, and finally kill, whatever is left of the group. Returns once it is gone."""
         if self.alive():
             self.process.send_signal(first)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.process.wait(grace)
-        deadline = time.monotonic() + grace
-        while group_alive(self.group) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if group_alive(self.group):
-            os.killpg(self.group, signal.SIGKILL)
+        for signal_number, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+            if not group_alive(self.group):
+                break
+            os.killpg(self.group, signal_number)
+            deadline = time.monotonic() + wait
+            while group_alive(self.group) and time.monotonic() < deadline:
+                time.sleep(0.1)
         self.process.wait()
         self._log_file.close()
 

@@ -16,6 +16,8 @@ import tempfile
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
 
@@ -91,10 +93,17 @@ def base_env(home: Path) -> dict[str, str]:
 # --- Prefect -----------------------------------------------------------------------------------
 
 
+@dataclass
+class PrefectServer:
+    env: dict[str, str]  # what points a process at the server
+    ready: Callable[[], None]  # waits until it answers
+
+
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
-    """``prefect server start`` on 127.0.0.1 with its own SQLite database; yields the env that
-    points at it. The scheduler service runs every 2 s, so the nightly schedule gets its runs."""
+    """``prefect server start`` on 127.0.0.1 with its own SQLite database. Its scheduler runs
+    every 2 s, so the nightly schedule gets its runs. It starts while other fixtures (the synth
+    library) are built: call ``ready()`` before using it."""
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
     env = base_env(home)
@@ -115,8 +124,7 @@ def prefect_server(tmp_path_factory):
             return False
 
     try:
-        wait_until(healthy, 240, "the Prefect server")
-        yield env
+        yield PrefectServer(env, lambda: wait_until(healthy, 240, "the Prefect server"))
     finally:
         server.stop()
     assert not server.alive()
@@ -136,7 +144,8 @@ def test_nightly_deployment_runs_on_a_process_worker(prefect_server, library, s3
     from prefect.client.schemas.objects import StateType
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    env = prefect_server
+    prefect_server.ready()
+    env = prefect_server.env
     destination = f"{BUCKET}/nightly"
     deploy_env = {
         **env,
@@ -245,7 +254,7 @@ def ray_head(tmp_path_factory, s3_server, prefect_server):
     temp_dir = Path(tempfile.mkdtemp(prefix="ray-ms-", dir="/tmp"))  # short: socket paths
     env = base_env(home)
     env.update(
-        PREFECT_API_URL=prefect_server["PREFECT_API_URL"],
+        PREFECT_API_URL=prefect_server.env["PREFECT_API_URL"],
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=RAY_TOKEN,
         AWS_ACCESS_KEY_ID=ACCESS_KEY,
@@ -298,6 +307,7 @@ def test_catalog_job_submitted_to_a_ray_head(ray_head, library, s3_server, prefe
     with pytest.raises(urllib.error.HTTPError) as refused:  # no token, no jobs
         urllib.request.urlopen(f"{ray_head}/api/jobs/", timeout=30)
     assert refused.value.code == 401
+    prefect_server.ready()  # the job records its flow run there
     client = JobSubmissionClient(ray_head, headers=RAY_AUTH)
     destination = f"{BUCKET}/ray-job"
     entrypoint = f"metasep separate s3://{BUCKET}/library s3://{destination} --workers 1"
@@ -315,7 +325,7 @@ def test_catalog_job_submitted_to_a_ray_head(ray_head, library, s3_server, prefe
     check_outputs(s3_server, destination, library)
     info = json.dumps(client.get_job_info(job).__dict__, default=str)
     with (
-        temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}),
+        temporary_settings({PREFECT_API_URL: prefect_server.env["PREFECT_API_URL"]}),
         get_client(sync_client=True) as prefect,
     ):
         runs = prefect.read_flow_runs(

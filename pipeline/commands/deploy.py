@@ -10,6 +10,7 @@ checked, so that no deployment is registered with a placeholder for a bucket.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -175,26 +176,38 @@ def describe(item: dict[str, Any]) -> str:
 
 
 def ensure_work_pool(name: str, kind: str, folder: Path) -> None:
-    """Create the work pool ``name`` of type ``kind`` unless the server has it."""
+    """Create the work pool ``name`` of type ``kind`` unless the server has it (a pool that
+    exists is left as it is, whatever its template: it may have been tuned)."""
     from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     with get_client(sync_client=True) as client:
         try:
             pool = client.read_work_pool(name)
         except ObjectNotFound:
-            pool = None
-    if pool is not None:
-        if pool.type != kind:
-            raise UsageError(f"work pool {name!r} exists with type {pool.type!r}, not {kind!r}")
-        return
-    command = [sys.executable, "-m", "prefect", "work-pool", "create", name, "--type", kind]
+            template = base_job_template(kind, folder)
+            try:
+                client.create_work_pool(
+                    WorkPoolCreate(name=name, type=kind, base_job_template=template)
+                )
+            except ObjectAlreadyExists:  # created meanwhile, by a worker say
+                pool = client.read_work_pool(name)
+            else:
+                print(f"created work pool {name} ({kind})")
+                return
+    if pool.type != kind:
+        raise UsageError(f"work pool {name!r} exists with type {pool.type!r}, not {kind!r}")
+
+
+def base_job_template(kind: str, folder: Path) -> dict[str, Any]:
+    """A new pool's template: Prefect's own for a process pool, the project's for Kubernetes
+    (settings and secrets from the ConfigMap and Secrets, non-root, the project's image)."""
     if kind == "kubernetes":
-        command += ["--base-job-template", str(folder / KUBERNETES_TEMPLATE)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode:
-        raise UsageError(f"could not create work pool {name!r}: {result.stdout}{result.stderr}")
-    print(f"created work pool {name} ({kind})")
+        return json.loads((folder / KUBERNETES_TEMPLATE).read_text())
+    from prefect.workers.process import ProcessWorker
+
+    return ProcessWorker.get_default_base_job_template()
 
 
 def _api_url() -> str:
