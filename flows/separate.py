@@ -32,7 +32,7 @@ from pipeline.catalog.manifest import done_records, new_run_id, read_manifests
 from pipeline.catalog.plan import Plan, catalog_options_hash, plan_tracks
 from pipeline.catalog.storage import is_transient, open_location
 from pipeline.catalog.summary import build_summary, format_summary, write_summary
-from pipeline.settings import credential_keys, load_settings
+from pipeline.settings import settings_for_run
 
 
 def _transient_failure(task, task_run, state) -> bool:
@@ -147,7 +147,8 @@ def separate_catalog(
     the settings (``METASEP_*``); ``storage_options`` are merged over ``METASEP_STORAGE_OPTIONS``
     and should hold no credentials, since Prefect records flow parameters.
     """
-    settings = load_settings(
+    settings = settings_for_run(
+        get_run_logger(),
         checkpoint=checkpoint,
         workers=workers,
         gpus_per_worker=gpus_per_worker,
@@ -157,14 +158,6 @@ def separate_catalog(
         precision=precision,
         stem_format=stem_format,
     )
-    logger = get_run_logger()
-    logger.info("settings: %s", settings.describe())
-    if credential_keys(storage_options):
-        logger.warning(
-            "the storage_options parameter holds %s: Prefect records flow parameters, so pass "
-            "credentials in METASEP_STORAGE_OPTIONS or AWS_* on the worker instead",
-            ", ".join(credential_keys(storage_options)),
-        )
     checkpoint, workers, ray_address = settings.checkpoint, settings.workers, settings.ray_address
     gpus_per_worker, precision = settings.gpus_per_worker, settings.precision
     stem_format, storage_options = settings.stem_format, settings.options()

@@ -166,6 +166,22 @@ def load_settings(**overrides: Any) -> Settings:
         raise SettingsError(_describe_errors(error)) from None
 
 
+def settings_for_run(log: Any, **parameters: Any) -> Settings:
+    """The settings of a flow run: :func:`load_settings` with the run's parameters, logged with
+    credentials redacted, and a warning when credentials came as a parameter (Prefect records
+    flow parameters in its database and shows them in its UI). ``log`` is the run's logger."""
+    settings = load_settings(**parameters)
+    log.info("settings: %s", settings.describe())
+    given = credential_keys(parameters.get("storage_options"))
+    if given:
+        log.warning(
+            "the storage_options parameter holds %s: Prefect records flow parameters, so pass "
+            "credentials in METASEP_STORAGE_OPTIONS or AWS_* on the worker instead",
+            ", ".join(given),
+        )
+    return settings
+
+
 def settings_from_args(args: argparse.Namespace, **dests: str) -> Settings:
     """The settings of a command: its flags over the environment. A flag counts when its dest is
     the setting's name, or the dest that ``dests`` maps it to (``stem_format="format"``)."""
