@@ -283,14 +283,15 @@ def test_deploy_dry_run_lists_the_deployments_and_refuses_placeholders(monkeypat
 
     monkeypatch.delenv("METASEP_NIGHTLY_DESTINATION", raising=False)
     monkeypatch.setenv("METASEP_NIGHTLY_SOURCE", "s3://music/library")
-    assert main(["deploy", "--dry-run", "--pool", "all"]) == 2
-    printed = capsys.readouterr()
-    assert "set METASEP_NIGHTLY_DESTINATION" in printed.err
+    assert main(["deploy", "--dry-run", "--name", "nightly"]) == 2
+    assert "set METASEP_NIGHTLY_DESTINATION and run again" in capsys.readouterr().err
     monkeypatch.setenv("METASEP_NIGHTLY_DESTINATION", "s3://music/separated")
-    assert main(["deploy", "--dry-run", "--pool", "kubernetes"]) == 0
+    assert main(["deploy", "--dry-run", "--pool", "kubernetes", "--name", "nightly-k8s"]) == 0
     out = capsys.readouterr().out
     assert "nightly-k8s: flows.separate.separate_catalog on metasep-kubernetes" in out
     assert "'destination': 's3://music/separated'" in out and "nightly:" not in out
+    assert main(["deploy", "--dry-run", "--pool", "process", "--name", "nightly-k8s"]) == 2
+    assert "no deployment on a process pool matches" in capsys.readouterr().err
     assert main(["deploy", "--dry-run", "--name", "nope"]) == 2
     assert "no deployment named nope" in capsys.readouterr().err
 

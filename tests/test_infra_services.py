@@ -151,6 +151,11 @@ def test_nightly_deployment_runs_on_a_process_worker(prefect_server, library, s3
         **env,
         "METASEP_NIGHTLY_SOURCE": f"s3://{BUCKET}/library",
         "METASEP_NIGHTLY_DESTINATION": f"s3://{destination}",
+        # the other deployments are registered too (not run here)
+        "METASEP_EVAL_REFERENCES": f"s3://{BUCKET}/references",
+        "METASEP_EVAL_ESTIMATES": f"s3://{destination}",
+        "METASEP_EVAL_DESTINATION": f"s3://{BUCKET}/evaluation",
+        "METASEP_BENCHMARK_DESTINATION": str(tmp_path / "benchmark"),
     }
     deploy = subprocess.run(
         [str(BIN / "metasep"), "deploy", "--pool", "all"],
