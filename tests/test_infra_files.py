@@ -284,7 +284,7 @@ def test_deploy_dry_run_lists_the_deployments_and_refuses_placeholders(monkeypat
     monkeypatch.delenv("METASEP_NIGHTLY_DESTINATION", raising=False)
     monkeypatch.setenv("METASEP_NIGHTLY_SOURCE", "s3://music/library")
     assert main(["deploy", "--dry-run", "--name", "nightly"]) == 2
-    assert "set METASEP_NIGHTLY_DESTINATION and run again" in capsys.readouterr().err
+    assert "set METASEP_NIGHTLY_DESTINATION (used by the deployments)" in capsys.readouterr().err
     monkeypatch.setenv("METASEP_NIGHTLY_DESTINATION", "s3://music/separated")
     assert main(["deploy", "--dry-run", "--pool", "kubernetes", "--name", "nightly-k8s"]) == 0
     out = capsys.readouterr().out
