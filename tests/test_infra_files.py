@@ -435,5 +435,5 @@ def test_deploy_needs_a_prefect_server(monkeypatch, capsys):
     monkeypatch.setenv("METASEP_NIGHTLY_SOURCE", "s3://music/library")
     monkeypatch.setenv("METASEP_NIGHTLY_DESTINATION", "s3://music/separated")
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
-        assert main(["deploy"]) == 2
+        assert main(["deploy", "--name", "nightly"]) == 2
     assert "PREFECT_API_URL is not set" in capsys.readouterr().err
