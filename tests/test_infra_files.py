@@ -197,6 +197,11 @@ def test_one_image_and_one_ray_version_everywhere():
     (cluster,) = of_kind("RayCluster")
     assert dockerfile_args()["RAY_VERSION"] == cluster["spec"]["rayVersion"]
     assert label("org.opencontainers.image.version") == VERSION
+    for documented in (DOCKERFILE, REPO / "README.md"):  # the build commands people copy
+        tags = re.findall(
+            r"docker build -f infra/docker/Dockerfile -t (\S+)", documented.read_text()
+        )
+        assert tags and tags[0] == IMAGE and all(tag.startswith(IMAGE) for tag in tags)
 
 
 def test_flow_runs_on_kubernetes_reach_the_ray_head_service():
