@@ -27,11 +27,11 @@ import numpy as np
 from tqdm import tqdm
 
 from model import STEMS
-from pipeline.audio import AudioError, read_audio, write_audio
+from pipeline.audio import AudioError, write_audio
 from pipeline.catalog.listing import CatalogTrack
 from pipeline.catalog.manifest import ManifestWriter
 from pipeline.catalog.paths import stem_paths
-from pipeline.catalog.storage import full_url, open_location, read_bytes, write_bytes
+from pipeline.catalog.storage import full_url, open_location, read_audio_at, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -212,11 +212,11 @@ def decode_batch(
     out: dict[str, list[Any]] = {**{k: list(v) for k, v in batch.items()}}
     for key in ("audio", "channels", "samples", "sample_rate", "error", "started_at"):
         out[key] = []
-    for uri, name in zip(batch["source_uri"], batch["track_id"], strict=True):
+    for uri in batch["source_uri"]:
         out["started_at"].append(time.time())
         audio, rate, error = None, 0, ""
         try:
-            audio, rate = _decode(str(uri), str(name), storage_options)
+            audio, rate = read_audio_at(str(uri), storage_options)
         except Exception as failure:  # whatever a file does, it fails alone, as an error row
             error = _readable(failure)
         out["audio"].append(b"" if audio is None else audio.tobytes())
@@ -225,21 +225,6 @@ def decode_batch(
         out["sample_rate"].append(rate)
         out["error"].append(error)
     return _columns(out)
-
-
-def _decode(uri: str, name: str, storage_options: dict[str, Any] | None) -> tuple[np.ndarray, int]:
-    fs, path = open_location(uri, storage_options)
-    data = read_bytes(fs, path)
-    if not data:
-        raise AudioError("empty file (0 bytes)")
-    buffer = io.BytesIO(data)
-    buffer.name = os.path.basename(name)
-    audio, rate = read_audio(buffer)
-    if audio.shape[1] == 0:
-        raise AudioError("the file holds no audio samples")
-    if not np.isfinite(audio).all():
-        raise AudioError("the audio holds NaN or infinite samples")
-    return audio, rate
 
 
 class SeparateWorker:
