@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from typing import Any
 
 from model import STEMS, CheckpointError, resolve_checkpoint
@@ -28,7 +29,7 @@ def add_catalog_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ray-address", help="existing Ray cluster (default: RAY_ADDRESS or local)")
     group.add_argument(
         "--storage-options",
-        type=_json_object,
+        type=json_object,
         metavar="JSON",
         help='fsspec options, e.g. \'{"endpoint_url": "http://minio:9000"}\'',
     )
@@ -39,8 +40,10 @@ def add_catalog_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def quiet_client_logs() -> None:
-    """Keep the per-request lines of Prefect's HTTP client out of the command's output."""
+    """Keep the per-request lines of Prefect's HTTP client out of the command's output, and give
+    the ephemeral Prefect API more than its default 20 s to start on a busy machine."""
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def wants_catalog(sources: list[str], storage_options: dict[str, Any] | None) -> bool:
@@ -128,7 +131,7 @@ def run_catalog(
     return 1 if tracks["error"] or tracks["not_processed"] else 0
 
 
-def _json_object(text: str) -> dict[str, Any]:
+def json_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:

@@ -218,7 +218,7 @@ def decode_batch(
         try:
             audio, rate = read_audio_at(str(uri), storage_options)
         except Exception as failure:  # whatever a file does, it fails alone, as an error row
-            error = _readable(failure)
+            error = readable_error(failure)
         out["audio"].append(b"" if audio is None else audio.tobytes())
         out["channels"].append(0 if audio is None else audio.shape[0])
         out["samples"].append(0 if audio is None else audio.shape[1])
@@ -275,7 +275,7 @@ class SeparateWorker:
         try:
             stems = self.separator.separate(audio, int(batch["sample_rate"][index]))
         except Exception as failure:
-            errors[index] = f"separation failed: {_readable(failure)}"
+            errors[index] = f"separation failed: {readable_error(failure)}"
             return None, started, time.time() - started
         seconds = time.time() - started
         if any(stems[stem].shape != audio.shape for stem in STEMS):
@@ -300,7 +300,7 @@ def encode_batch(batch: dict[str, np.ndarray], config: JobConfig) -> dict[str, n
             try:
                 _write_stems(batch, index, config)
             except Exception as failure:  # after the retries inside write_bytes
-                out["error"][index] = f"writing stems failed: {_readable(failure)}"
+                out["error"][index] = f"writing stems failed: {readable_error(failure)}"
         out["finished_at"].append(time.time())
     return _columns(out)
 
@@ -369,7 +369,7 @@ def _columns(values: dict[str, list[Any]]) -> dict[str, np.ndarray]:
     return columns
 
 
-def _readable(error: BaseException) -> str:
+def readable_error(error: BaseException) -> str:
     """An error as one line a person can act on."""
     if isinstance(error, FileNotFoundError):
         return f"file not found ({error})"

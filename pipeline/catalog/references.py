@@ -84,7 +84,7 @@ def list_references(
         if name not in REFERENCE_NAMES:
             continue
         files = found.setdefault(parts[0], {})
-        if name not in files or _preferred(extension, files[name][0]):
+        if name not in files or preferred_file(extension, files[name][0]):
             files[name] = (path, info)
     if not found:
         raise CatalogError(
@@ -102,7 +102,7 @@ def list_references(
     ]
 
 
-def _preferred(extension: str, current_path: str) -> bool:
+def preferred_file(extension: str, current_path: str) -> bool:
     """Whether a file with ``extension`` should replace the one at ``current_path``."""
     order = {f".{e}": i for i, e in enumerate(_EXTENSION_ORDER)}
     current = posixpath.splitext(current_path)[1].lower()
