@@ -16,6 +16,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NO_CACHE
 
 from flows.ray_session import connect_ray, disconnect_ray
 from flows.separate import STORAGE_RETRIES
@@ -91,7 +92,7 @@ def plan_run(
     return plan
 
 
-@task(name="score-tracks", cache_policy=STORAGE_RETRIES["cache_policy"])
+@task(name="score-tracks", cache_policy=NO_CACHE)
 def score_tracks(
     plan: EvaluationPlan, config: EvaluationConfig, ray_address: str | None
 ) -> EvaluationResult:

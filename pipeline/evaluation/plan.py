@@ -70,7 +70,8 @@ def json_location(destination: str, method: str, split: str, track: str) -> str:
     """museval's per-track JSON of ``track`` (``museval.MethodStore().add_eval_dir`` reads
     ``DST/museval/<method>``); track names are sanitised, never leaving the folder."""
     name = sanitized_key(track).replace("/", "_")
-    return posixpath.join(destination.rstrip("/"), "museval", method, split, f"{name}.json")
+    subset = sanitized_key(split).replace("/", "_")
+    return posixpath.join(destination.rstrip("/"), "museval", method, subset, f"{name}.json")
 
 
 def plan_evaluation(
