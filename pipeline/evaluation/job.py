@@ -57,7 +57,8 @@ EVALUATION_SCHEMA = pa.schema(
         ("started_at", _TIME),
         ("finished_at", _TIME),
         ("worker", pa.string()),
-        ("score_seconds", pa.float64()),
+        ("score_seconds", pa.float64()),  # wall time of the task
+        ("cpu_seconds", pa.float64()),  # CPU time of the task: what a track costs, load aside
         ("frames", pa.list_(FRAME_TYPE)),
     ]
 )
@@ -83,6 +84,7 @@ class EvaluationResult:
     ok: int = 0
     error: int = 0
     audio_s: float = 0.0
+    cpu_s: float = 0.0
     wall_s: float = 0.0
     errors: list[tuple[str, str, str]] = field(default_factory=list)  # (method, track, message)
     warnings: list[tuple[str, str, str]] = field(default_factory=list)
@@ -164,6 +166,7 @@ def _record(
         return
     result.ok += 1
     result.audio_s += row["duration_s"]
+    result.cpu_s += row["cpu_seconds"]
     stats = result.workers.setdefault(row["worker"], WorkerStats())
     started = row["started_at"].timestamp()
     stats.tracks += 1
@@ -187,6 +190,7 @@ def problem_row(pair: Pair) -> dict[str, Any]:
         "finished_at": now,
         "worker": None,
         "score_seconds": None,
+        "cpu_seconds": None,
         "frames": None,
     }
 
@@ -195,7 +199,7 @@ def score_pair(pair: Pair, storage_options: dict[str, Any] | None = None) -> dic
     """Score one method's estimates of one track (runs in a Ray task); never raises: a failure
     is the row's ``error``. Writes museval's per-track JSON before returning an ``ok`` row."""
     started_at = datetime.now(UTC)
-    clock = time.perf_counter()
+    clock, cpu = time.perf_counter(), time.process_time()
     logging.getLogger("pipeline.scoring").setLevel(logging.ERROR)  # its warnings go in the row
     row = {**_identity(pair), "started_at": started_at, "worker": _worker_name()}
     try:
@@ -212,6 +216,7 @@ def score_pair(pair: Pair, storage_options: dict[str, Any] | None = None) -> dic
             "json_uri": None,
             "finished_at": datetime.now(UTC),
             "score_seconds": time.perf_counter() - clock,
+            "cpu_seconds": time.process_time() - cpu,
             "frames": None,
         }
     return {
@@ -223,6 +228,7 @@ def score_pair(pair: Pair, storage_options: dict[str, Any] | None = None) -> dic
         "json_uri": pair.json_uri,
         "finished_at": datetime.now(UTC),
         "score_seconds": time.perf_counter() - clock,
+        "cpu_seconds": time.process_time() - cpu,
         "frames": frames.to_dict("records"),
     }
 

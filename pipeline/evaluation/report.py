@@ -286,6 +286,7 @@ def build_summary(
         "wall_seconds": round((finished_at - started_at).total_seconds(), 3),
         "job_seconds": round(result.wall_s, 3),
         "tracks_per_hour": round(result.tracks_per_hour, 1) if result.tracks_per_hour else None,
+        "cpu_seconds_per_track": round(result.cpu_s / result.ok, 2) if result.ok else None,
         "workers": {
             name: {
                 "tracks": stats.tracks,
@@ -324,7 +325,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary["tracks_per_hour"]:
         lines.append(
             f"scored {summary['audio_seconds']:.1f} s of audio in {summary['job_seconds']:.1f} s "
-            f"on {len(summary['workers'])} worker(s): {summary['tracks_per_hour']:.0f} tracks/hour"
+            f"on {len(summary['workers'])} worker(s): {summary['tracks_per_hour']:.0f} tracks/hour "
+            f"({summary['cpu_seconds_per_track']:.1f} CPU s per track)"
         )
     for name, count in summary["unmatched_estimates"].items():
         lines.append(f"  {name}: {count} estimate tracks have no reference (not scored)")
