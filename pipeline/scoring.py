@@ -47,7 +47,8 @@ def score_track(
     scored = [t for t in targets if np.any(references[t])]
     for target in sorted(set(targets) - set(scored)):
         log.warning("%s: the reference is silent over the whole track; its scores are NaN", target)
-    frames = -(-references[targets[0]].shape[-1] // rate)
+    # museval's frames: whole windows only (a last partial second is not scored), at least one
+    frames = max(1, references[targets[0]].shape[-1] // rate)
     scores = np.full((len(targets), 4, frames), np.nan)
     if scored:
         ref = np.stack([references[t].T for t in scored]).astype(np.float64)

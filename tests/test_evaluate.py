@@ -166,3 +166,45 @@ def test_evaluate_command_refuses_bad_arguments(tmp_path, capsys):
     assert "--workers must be 1 or more" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["evaluate", str(tmp_path), "x", "out", "--targets", "drums,piano"])
+
+
+def test_musdb_stem_mp4_references_score_like_museval(tmp_path):
+    """A MUSDB18 .stem.mp4 catalog (read through musdb): the mixture baseline of one track,
+    scored by the task function itself, equals museval on the decoded streams."""
+    import museval
+    import stempeg
+
+    from pipeline.catalog.references import list_references, read_references
+    from pipeline.evaluation.job import score_pair
+    from pipeline.evaluation.plan import plan_evaluation
+    from pipeline.evaluation.sources import Method
+
+    t = np.arange(2 * RATE) / RATE
+    stems = np.stack(
+        [np.stack([0.2 * np.sin(2 * np.pi * f * t)] * 2, 1) for f in (110.0, 55.0, 440.0, 660.0)]
+    )
+    (tmp_path / "musdb" / "test").mkdir(parents=True)
+    stempeg.write_stems(
+        str(tmp_path / "musdb" / "test" / "Artist - Song.stem.mp4"),
+        np.concatenate([stems.sum(0, keepdims=True), stems]),
+        sample_rate=RATE,
+        writer=stempeg.StreamsWriter(codec="aac", bitrate=256000),
+    )
+    (track,) = list_references(str(tmp_path / "musdb"), "test")
+    assert track.name == "Artist - Song"
+    plan = plan_evaluation(
+        [track], [Method("mixture", "", "mixture")], {}, STEMS, {}, str(tmp_path / "out"), "test"
+    )
+    row = score_pair(plan.todo[0])
+    assert row["status"] == "ok", row["error"]
+    audio, _ = read_references(track, ("mixture", *STEMS))
+    sdr, _, _, _ = museval.evaluate(
+        np.stack([audio[s].T for s in STEMS]), np.stack([audio["mixture"].T] * 4)
+    )
+    frames = pd.DataFrame(row["frames"])
+    for index, stem in enumerate(STEMS):
+        ours = frames[frames.target == stem].sort_values("frame").SDR.to_numpy()
+        np.testing.assert_allclose(ours, sdr[index], rtol=1e-5, atol=1e-5)
+    assert json.loads(
+        (tmp_path / "out" / "museval" / "mixture" / "test" / "Artist - Song.json").read_text()
+    )
