@@ -5,7 +5,6 @@ as the Prefect flow ``benchmark`` (``flows/benchmark.py``): synth (or given) ref
 from __future__ import annotations
 
 import argparse
-import os
 
 from pipeline.cli import UsageError
 
@@ -66,9 +65,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flows.benchmark import benchmark
     from model import CheckpointError, resolve_checkpoint
-    from pipeline.catalog.cli import quiet_client_logs
+    from pipeline.catalog.cli import prepare_prefect
     from pipeline.catalog.listing import CatalogError
     from pipeline.catalog.summary import format_summary
     from pipeline.commands.evaluate import exit_code, print_evaluation
@@ -84,8 +82,9 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{option} must be 1 or more, not {value}")
     if args.references is None and not 1.0 <= args.seconds <= 600.0:
         raise UsageError(f"--seconds must be between 1 and 600, not {args.seconds:g}")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    quiet_client_logs()
+    prepare_prefect()
+    from flows.benchmark import benchmark
+
     try:
         result = benchmark(
             str(args.out),

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 from model import STEMS
@@ -72,8 +71,7 @@ def _targets(text: str) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flows.evaluate import evaluate_catalog
-    from pipeline.catalog.cli import quiet_client_logs
+    from pipeline.catalog.cli import prepare_prefect
     from pipeline.catalog.listing import CatalogError
 
     *estimates, destination = args.locations
@@ -82,8 +80,9 @@ def run(args: argparse.Namespace) -> int:
     for name, value in (("--workers", args.workers), ("--tracks", args.tracks)):
         if value is not None and value < 1:
             raise UsageError(f"{name} must be 1 or more, not {value}")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    quiet_client_logs()
+    prepare_prefect()
+    from flows.evaluate import evaluate_catalog
+
     try:
         summary = evaluate_catalog(
             args.references,
