@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 # CPU machines take the CPU build of torch first so that no dependency pulls a multi-GB CUDA
 # build. On a GPU machine: make TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"
 TORCH_SPEC ?= torch==2.13.0
-APT_PACKAGES := ffmpeg fluidsynth fluid-soundfont-gm
-SYSTEM_TOOLS := ffmpeg ffprobe fluidsynth
+# chromium: the headless browser that the metasep serve test drives (through Playwright).
+APT_PACKAGES := ffmpeg fluidsynth fluid-soundfont-gm chromium
+SYSTEM_TOOLS := ffmpeg ffprobe fluidsynth chromium
 # The General MIDI SoundFont `metasep synth` renders with (Debian package fluid-soundfont-gm).
 SOUNDFONT := /usr/share/sounds/sf2/FluidR3_GM.sf2
 
