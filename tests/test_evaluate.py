@@ -31,7 +31,7 @@ def test_scores_equal_museval_and_a_rerun_scores_only_what_changed(
     from prefect.client.orchestration import get_client
 
     references = write_references(
-        tmp_path / "refs", ["song a", "song b"], seconds=3, silent={"song b": "vocals"}
+        tmp_path / "refs", ["song a", "song b"], seconds=2, silent={"song b": "vocals"}
     )
     estimates = write_estimates(references, tmp_path / "leaky")
     out = tmp_path / "scores"
@@ -44,7 +44,7 @@ def test_scores_equal_museval_and_a_rerun_scores_only_what_changed(
     )
     assert "| leaky | drums |" in printed and "| mixture | vocals |" in printed
     frames = pd.read_parquet(out / "frames.parquet")
-    assert list(frames.columns) == FRAME_COLUMNS and len(frames) == 2 * 2 * 4 * 3
+    assert list(frames.columns) == FRAME_COLUMNS and len(frames) == 2 * 2 * 4 * 2
     for method, name in (("leaky", "song a"), ("leaky", "song b"), ("mixture", "song a")):
         refs = {t: references / "test" / name / f"{t}.wav" for t in STEMS}
         if method == "mixture":
@@ -179,7 +179,7 @@ def test_musdb_stem_mp4_references_score_like_museval(tmp_path):
     from pipeline.evaluation.plan import plan_evaluation
     from pipeline.evaluation.sources import Method
 
-    t = np.arange(2 * RATE) / RATE
+    t = np.arange(RATE) / RATE
     stems = np.stack(
         [np.stack([0.2 * np.sin(2 * np.pi * f * t)] * 2, 1) for f in (110.0, 55.0, 440.0, 660.0)]
     )
