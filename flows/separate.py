@@ -10,7 +10,6 @@ server is configured, and on a local Ray unless ``ray_address`` or ``RAY_ADDRESS
 from __future__ import annotations
 
 import math
-import os
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,6 +17,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.ray_session import connect_ray, disconnect_ray
 from model import CheckpointError, load_checkpoint
 from pipeline.catalog.job import (
     STEM_FORMATS,
@@ -73,7 +73,7 @@ def load_model(
     except CheckpointError as error:
         raise CatalogError(str(error)) from None
     if precision != "float32" and gpus_per_worker > 0:
-        _connect_ray(ray_address)  # the ids may have to come from a GPU worker
+        connect_ray(ray_address)  # the ids may have to come from a GPU worker
     try:
         model_id, options = identify_separator(model, precision, separator_options, gpus_per_worker)
     except ValueError as error:
@@ -101,7 +101,7 @@ def separate_tracks(
 ) -> JobResult:
     import ray
 
-    started_here = _connect_ray(ray_address)
+    started_here = connect_ray(ray_address)
     config = _size_workers(ray, config, strict=started_here)
     get_run_logger().info(
         "separating %d tracks on %d worker(s) (%g GPU, %g CPU each)",
@@ -179,7 +179,7 @@ def separate_catalog(
         )
         result = separate_tracks(plan.todo, model, config, ray_address) if plan.todo else None
     finally:
-        _disconnect_ray()
+        disconnect_ray()
     summary = build_summary(
         run_id=run_id,
         source=source,
@@ -195,32 +195,6 @@ def separate_catalog(
     summary["summary_uri"] = record_run(summary, storage_options)
     _publish_artifact(summary)
     return summary
-
-
-_RAY_STARTED_BY_FLOW = False
-
-
-def _connect_ray(ray_address: str | None) -> bool:
-    """Join the cluster at ``ray_address`` / ``RAY_ADDRESS``, else start a local Ray (unless one
-    is already up in this process). Returns whether the flow started a local Ray."""
-    import ray
-
-    global _RAY_STARTED_BY_FLOW
-    if not ray.is_initialized():
-        address = ray_address or os.environ.get("RAY_ADDRESS")
-        ray.init(address=address, include_dashboard=False, configure_logging=False)
-        _RAY_STARTED_BY_FLOW = address is None
-    return _RAY_STARTED_BY_FLOW
-
-
-def _disconnect_ray() -> None:
-    """Stop the local Ray the flow started (a cluster it joined, or a Ray it found, stays)."""
-    import ray
-
-    global _RAY_STARTED_BY_FLOW
-    if _RAY_STARTED_BY_FLOW:
-        ray.shutdown()
-        _RAY_STARTED_BY_FLOW = False
 
 
 def _size_workers(ray, config: JobConfig, strict: bool) -> JobConfig:

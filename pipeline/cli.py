@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("benchmark", "convert", "demo", "separate", "serve", "synth", "train")
+COMMANDS = ("benchmark", "convert", "demo", "evaluate", "separate", "serve", "synth", "train")
 
 
 class UsageError(Exception):

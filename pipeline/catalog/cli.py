@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from typing import Any
 
 from model import STEMS, CheckpointError, resolve_checkpoint
@@ -28,7 +29,7 @@ def add_catalog_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--ray-address", help="existing Ray cluster (default: RAY_ADDRESS or local)")
     group.add_argument(
         "--storage-options",
-        type=_json_object,
+        type=json_object,
         metavar="JSON",
         help='fsspec options, e.g. \'{"endpoint_url": "http://minio:9000"}\'',
     )
@@ -38,8 +39,13 @@ def add_catalog_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--run-id", help="name of the run (default: UTC time and a random suffix)")
 
 
-def quiet_client_logs() -> None:
-    """Keep the per-request lines of Prefect's HTTP client out of the command's output."""
+def prepare_prefect() -> None:
+    """Settings for a command that runs a flow; call it before the flow's module is imported
+    (Prefect reads its settings then). Gives the ephemeral API more than its default 20 s to
+    start on a busy machine, turns off its analytics, and keeps the per-request lines of its HTTP
+    client out of the command's output."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
@@ -90,7 +96,6 @@ def run_catalog(
     separator_options: dict[str, Any] | None = None,
 ) -> int:
     """Run the flow; exit code 0 when every track is done, 1 when any failed or was left."""
-    from flows.separate import separate_catalog
     from pipeline.catalog.summary import format_summary
     from pipeline.cli import UsageError
 
@@ -103,7 +108,9 @@ def run_catalog(
         raise UsageError(f"{error}{hint}") from None
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be 1 or more, not {args.workers}")
-    quiet_client_logs()
+    prepare_prefect()
+    from flows.separate import separate_catalog
+
     try:
         summary = separate_catalog(
             source,
@@ -128,7 +135,7 @@ def run_catalog(
     return 1 if tracks["error"] or tracks["not_processed"] else 0
 
 
-def _json_object(text: str) -> dict[str, Any]:
+def json_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:
