@@ -19,6 +19,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.ray_session import connect_ray, disconnect_ray
 from model import CheckpointError, load_checkpoint
 from pipeline.catalog.job import (
     STEM_FORMATS,
@@ -75,7 +76,7 @@ def load_model(
     except CheckpointError as error:
         raise CatalogError(str(error)) from None
     if precision != "float32" and gpus_per_worker > 0:
-        _connect_ray(ray_address)  # the ids may have to come from a GPU worker
+        connect_ray(ray_address)  # the ids may have to come from a GPU worker
     try:
         model_id, options = identify_separator(model, precision, separator_options, gpus_per_worker)
     except ValueError as error:
@@ -103,7 +104,7 @@ def separate_tracks(
 ) -> JobResult:
     import ray
 
-    started_here = _connect_ray(ray_address)
+    started_here = connect_ray(ray_address)
     config = _size_workers(ray, config, strict=started_here)
     get_run_logger().info(
         "separating %d tracks on %d worker(s) (%g GPU, %g CPU each)",
@@ -197,7 +198,7 @@ def separate_catalog(
         )
         result = separate_tracks(plan.todo, model, config, ray_address) if plan.todo else None
     finally:
-        _disconnect_ray()
+        disconnect_ray()
     summary = build_summary(
         run_id=run_id,
         source=source,
@@ -213,36 +214,6 @@ def separate_catalog(
     summary["summary_uri"] = record_run(summary, storage_options)
     _publish_artifact(summary)
     return summary
-
-
-_RAY_STARTED_BY_FLOW = False
-
-
-def _connect_ray(ray_address: str | None) -> bool:
-    """Join the cluster at ``ray_address`` (resolved by the settings), else start a local Ray
-    (unless one is already up in this process). Returns whether the flow started a local Ray.
-
-    "local" makes Ray start its own instance: with no address, ``ray.init`` would join whatever
-    cluster ``ray start`` last recorded on this machine, someone else's perhaps.
-    """
-    import ray
-
-    global _RAY_STARTED_BY_FLOW
-    if not ray.is_initialized():
-        address = ray_address or "local"
-        ray.init(address=address, include_dashboard=False, configure_logging=False)
-        _RAY_STARTED_BY_FLOW = ray_address is None
-    return _RAY_STARTED_BY_FLOW
-
-
-def _disconnect_ray() -> None:
-    """Stop the local Ray the flow started (a cluster it joined, or a Ray it found, stays)."""
-    import ray
-
-    global _RAY_STARTED_BY_FLOW
-    if _RAY_STARTED_BY_FLOW:
-        ray.shutdown()
-        _RAY_STARTED_BY_FLOW = False
 
 
 def _size_workers(ray, config: JobConfig, strict: bool) -> JobConfig:

@@ -15,7 +15,17 @@ from collections.abc import Sequence
 
 from pipeline.settings import SettingsError
 
-COMMANDS = ("benchmark", "convert", "demo", "deploy", "separate", "serve", "synth", "train")
+COMMANDS = (
+    "benchmark",
+    "convert",
+    "demo",
+    "deploy",
+    "evaluate",
+    "separate",
+    "serve",
+    "synth",
+    "train",
+)
 
 
 class UsageError(Exception):

@@ -28,7 +28,9 @@ def score_track(
     """Per-frame scores of one track: columns target, frame, time and the four metrics.
 
     ``references`` and ``estimates`` map a target name to (channels, samples) audio at ``rate``;
-    every target of ``references`` must have an estimate of the same shape.
+    every target of ``references`` must have an estimate of the same shape. Infinite values (a
+    frame whose estimate equals its reference) are NaN, as museval's per-track JSON stores them,
+    so that these frames and a ``museval.EvalStore`` built from the JSON give the same numbers.
     """
     targets = list(references)
     missing = [t for t in targets if t not in estimates]
@@ -45,7 +47,8 @@ def score_track(
     scored = [t for t in targets if np.any(references[t])]
     for target in sorted(set(targets) - set(scored)):
         log.warning("%s: the reference is silent over the whole track; its scores are NaN", target)
-    frames = -(-references[targets[0]].shape[-1] // rate)
+    # museval's frames: whole windows only (a last partial second is not scored), at least one
+    frames = max(1, references[targets[0]].shape[-1] // rate)
     scores = np.full((len(targets), 4, frames), np.nan)
     if scored:
         ref = np.stack([references[t].T for t in scored]).astype(np.float64)
@@ -53,6 +56,7 @@ def score_track(
         sdr, isr, sir, sar = museval.evaluate(ref, est, win=rate, hop=rate, mode="v4", padding=True)
         rows = [targets.index(t) for t in scored]
         scores[rows] = np.stack([sdr, sir, isr, sar], axis=1)[..., :frames]
+        scores[np.isinf(scores)] = np.nan
     table = [
         (target, frame, float(frame), *map(float, scores[index, :, frame]))
         for index, target in enumerate(targets)
@@ -73,11 +77,12 @@ def summarize(frames: pd.DataFrame, by: tuple[str, ...] = ("method", "target")) 
     """Median over frames per track, then median (and mean) over tracks, per method and target.
 
     ``frames`` needs the columns of ``by``, ``track`` and the metrics; NaN frames (silent
-    references) are left out as museval does.
+    references) are left out as museval does. ``tracks`` counts the tracks with an SDR (a track
+    whose reference is silent throughout has none).
     """
     per_track = frames.groupby([*by, "track"])[list(METRICS)].median()
     grouped = per_track.groupby(list(by))
     median = grouped.median().add_suffix("_median")
     mean = grouped.mean().add_suffix("_mean")
-    tracks = grouped.size().rename("tracks")
+    tracks = grouped.SDR.count().rename("tracks")
     return pd.concat([median, mean, tracks], axis=1).reset_index()

@@ -80,3 +80,44 @@ def s3_bucket(s3_server, request):
     fs = s3fs.S3FileSystem(**s3_server)
     fs.mkdir(name)
     return fs, name, s3_server
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """Prefect's test harness (a real API server on 127.0.0.1), shared by the flow tests."""
+    # Importing prefect.main configures Prefect's console logging; done here, its handlers write
+    # to the session's output, not to the captured output of the first test that runs a flow
+    # (closed when that test ends, which would break every later flow's logging).
+    import prefect.main  # noqa: F401
+    from prefect.testing.utilities import prefect_test_harness
+
+    previous = os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED")
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+    if previous is None:
+        os.environ.pop("PREFECT_SERVER_ANALYTICS_ENABLED")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster_address():
+    """One local Ray cluster (2 CPUs, its own processes) for the whole session; tests that need
+    a cluster of another shape start their own and this one stays up for the next test."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    yield cluster.address
+    import ray
+
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture
+def ray_local(ray_cluster_address):
+    """This process connected to the session's Ray cluster; yields its address."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_cluster_address, configure_logging=False)
+    yield ray_cluster_address

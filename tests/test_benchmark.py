@@ -1,81 +1,57 @@
-"""metasep benchmark: checkpoints and the mixture baseline scored with museval on a synth catalog."""
+"""metasep benchmark end to end: synth references, the shipped model through the catalog flow,
+museval through the evaluation flow; the numbers equal museval run directly on the same files."""
 
 from __future__ import annotations
 
-import museval
-import numpy as np
 import pandas as pd
-import pytest
+from evaluation_helpers import (
+    assert_frames_equal_museval,
+    assert_summary_equals_evalstore,
+    museval_frames,
+)
 
-from model import STEMS, MultiTasNet, TasNetConfig, save_checkpoint
-from pipeline.audio import read_audio
+from model import STEMS
+from pipeline.catalog.manifest import read_manifests
+from pipeline.catalog.storage import open_location
 from pipeline.cli import main
 
 
-@pytest.fixture(scope="module")
-def references(tmp_path_factory):
-    root = tmp_path_factory.mktemp("refs")
-    assert (
-        main(
-            [
-                "synth",
-                str(root),
-                "--tracks",
-                "2",
-                "--seconds",
-                "4",
-                "--seed",
-                "5",
-                "--split",
-                "test",
-                "--workers",
-                "1",
-            ]
-        )
-        == 0
-    )
-    return root
-
-
-def test_benchmark_scores_checkpoint_and_mixture_baseline(references, tmp_path, capsys):
-    checkpoint = save_checkpoint(
-        MultiTasNet(TasNetConfig(N=32, B=16, H=16, layers=2, stack=1, num_mels=16)),
-        tmp_path / "tiny",
-    )
-    out = tmp_path / "scores"
-    assert (
-        main(
-            ["benchmark", str(references), "--checkpoint", f"tiny={checkpoint}", "--out", str(out)]
-        )
-        == 0
-    )
+def test_benchmark_separates_and_scores_the_default_model(tmp_path, prefect_api, ray_local, capsys):
+    out = tmp_path / "bench"
+    command = ["benchmark", "--tracks", "2", "--seconds", "3", "--seed", "2", "--out", str(out)]
+    assert main(command) == 0
     printed = capsys.readouterr().out
-    assert "| tiny |" in printed and "| mixture |" in printed
-    frames = pd.read_parquet(out / "frames.parquet")
-    assert set(frames.method) == {"tiny", "mixture"} and set(frames.target) == set(STEMS)
-    assert frames.track.nunique() == 2 and set(frames.frame) == {0, 1, 2, 3}
-    # The mixture baseline equals museval run directly on the same files (a stem silent over
-    # the whole track cannot be scored by museval: it must come back as NaN).
-    track = sorted(p for p in (references / "test").iterdir())[0]
-    refs = {s: read_audio(track / f"{s}.wav")[0].T for s in STEMS}
-    audible = [s for s in STEMS if np.any(refs[s])]
-    mixture = read_audio(track / "mixture.wav")[0].T
-    sdr, _, _, _ = museval.evaluate(
-        np.stack([refs[s] for s in audible]), np.stack([mixture] * len(audible))
-    )
-    ours = frames[(frames.method == "mixture") & (frames.track == track.name)]
-    for index, stem in enumerate(audible):
-        np.testing.assert_allclose(
-            ours[ours.target == stem].sort_values("frame").SDR, sdr[index], rtol=1e-6
-        )
-    for stem in set(STEMS) - set(audible):
-        assert ours[ours.target == stem].SDR.isna().all()
-    summary = pd.read_parquet(out / "summary.parquet")
-    assert set(summary.columns) >= {"method", "target", "SDR_median", "SDR_mean", "tracks"}
+    table = printed[printed.index("median SDR in dB over 2 tracks") :]
+    assert "| default |" in table and "| mixture |" in table
+    frames = pd.read_parquet(out / "evaluation" / "frames.parquet")
+    assert set(frames.method) == {"default", "mixture"} and set(frames.target) == set(STEMS)
+    assert frames.track.nunique() == 2 and set(frames.frame) == {0, 1, 2}
+
+    # the separated stems, found through the catalog's manifest, scored by museval directly
+    references = out / "references" / "seed2-3s" / "test"
+    fs, root = open_location(str(out / "separated" / "default"))
+    for row in read_manifests(fs, root).to_pylist():
+        track = row["track_id"].split("/")[0]
+        refs = {t: references / track / f"{t}.wav" for t in STEMS}
+        stems = {t: row[f"{t}_uri"] for t in STEMS}
+        ours = frames[(frames.method == "default") & (frames.track == track)]
+        assert_frames_equal_museval(ours, museval_frames(refs, stems))
+    summary = pd.read_parquet(out / "evaluation" / "summary.parquet")
+    for method in ("default", "mixture"):
+        assert_summary_equals_evalstore(summary, out / "evaluation" / "museval" / method)
+    sdr = summary.set_index(["method", "target"]).SDR_median
+    assert sdr.notna().all()  # seed 2: every stem plays in at least one of the two tracks
+    assert sdr.loc["default"].mean() > sdr.loc["mixture"].mean()  # the model separates
+
+    assert main(command) == 0  # everything is done: nothing separated, nothing scored
+    printed = capsys.readouterr().out
+    assert "2 already done, 0 planned" in printed and "4 already scored, 0 planned" in printed
 
 
-def test_benchmark_rejects_bad_arguments(references, tmp_path, capsys):
-    assert main(["benchmark", str(references), "--checkpoint", "no-equals-sign"]) == 2
+def test_benchmark_refuses_bad_arguments(tmp_path, capsys):
+    assert main(["benchmark", "--checkpoint", "no-equals-sign"]) == 2
     assert "NAME=PATH" in capsys.readouterr().err
-    assert main(["benchmark", str(tmp_path), "--checkpoint", "a=b"]) == 2
-    assert "no track folders" in capsys.readouterr().err
+    assert main(["benchmark", "--checkpoint", f"x={tmp_path / 'missing.safetensors'}"]) == 2
+    assert "--checkpoint x=" in capsys.readouterr().err
+    assert main(["benchmark", "--checkpoint", "mixture=default"]) == 2
+    assert "is taken" in capsys.readouterr().err

@@ -1,5 +1,5 @@
-"""The catalog flow end to end on real parts: Prefect's test harness, a local Ray with 2 CPUs,
-S3 through a moto server on 127.0.0.1, a small random Meta-TasNet."""
+"""The catalog flow end to end on real parts: Prefect's test harness, the session's local Ray
+with 2 CPUs, S3 through a moto server on 127.0.0.1, a small random Meta-TasNet."""
 
 from __future__ import annotations
 
@@ -45,27 +45,6 @@ GOOD_TRACKS = {  # name: (seconds, rate, channels)
     "albums/ünïcödé ✓/trąck.wav": (0.6, 48000, 2),
     "deep/x/y/z.wav": (0.5, 16000, 1),
 }
-
-
-@pytest.fixture(scope="module")
-def prefect_api():
-    from prefect.testing.utilities import prefect_test_harness
-
-    previous = os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED")
-    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-    if previous is None:
-        os.environ.pop("PREFECT_SERVER_ANALYTICS_ENABLED")
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

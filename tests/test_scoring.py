@@ -73,3 +73,15 @@ def test_silent_reference_is_reported_as_nan_and_the_rest_scored():
     assert frames[frames.target == "vocals"].SDR.isna().all()
     assert len(frames[frames.target == "vocals"]) == 2
     assert frames[frames.target != "vocals"].SDR.notna().all()
+
+
+def test_a_last_partial_second_is_not_a_frame_as_in_museval():
+    refs, ests = make_track(3, seconds=2)
+    refs = {t: a[:, : int(1.5 * 44100)] for t, a in refs.items()}
+    ests = {t: a[:, : int(1.5 * 44100)] for t, a in ests.items()}
+    frames = score_track(refs, ests)
+    sdr, _, _, _ = museval.evaluate(
+        np.stack([refs[t].T for t in TARGETS]), np.stack([ests[t].T for t in TARGETS])
+    )
+    assert sdr.shape[1] == 1 and len(frames) == 4 * 1
+    np.testing.assert_allclose(frames[frames.target == "bass"].SDR, sdr[1], rtol=1e-6)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from typing import Any
 
 from model import STEMS, CheckpointError, resolve_checkpoint
@@ -39,7 +40,7 @@ def add_catalog_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--storage-options",
-        type=_json_object,
+        type=json_object,
         metavar="JSON",
         help=setting_help(
             "storage_options",
@@ -58,8 +59,13 @@ def setting_help(name: str, text: str | None = None) -> str:
     return f"{text or field.description} (env {env_name(name)})"
 
 
-def quiet_client_logs() -> None:
-    """Keep the per-request lines of Prefect's HTTP client out of the command's output."""
+def prepare_prefect() -> None:
+    """Settings for a command that runs a flow; call it before the flow's module is imported
+    (Prefect reads its settings then). Gives the ephemeral API more than its default 20 s to
+    start on a busy machine, turns off its analytics, and keeps the per-request lines of its HTTP
+    client out of the command's output."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
@@ -114,7 +120,6 @@ def run_catalog(
     options may hold credentials, and Prefect records parameters. The other settings are also
     passed as parameters, so that the run's page in Prefect shows them.
     """
-    from flows.separate import separate_catalog
     from pipeline.catalog.summary import format_summary
     from pipeline.cli import UsageError
 
@@ -125,7 +130,11 @@ def run_catalog(
     except CheckpointError as error:
         hint = "; pass --checkpoint PATH" if settings.checkpoint == "default" else ""
         raise UsageError(f"{error}{hint}") from None
-    quiet_client_logs()
+    if settings.workers is not None and settings.workers < 1:
+        raise UsageError(f"--workers must be 1 or more, not {settings.workers}")
+    prepare_prefect()
+    from flows.separate import separate_catalog
+
     try:
         with use_settings(settings):
             summary = separate_catalog(
@@ -150,7 +159,7 @@ def run_catalog(
     return 1 if tracks["error"] or tracks["not_processed"] else 0
 
 
-def _json_object(text: str) -> dict[str, Any]:
+def json_object(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as error:

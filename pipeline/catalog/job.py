@@ -27,11 +27,11 @@ import numpy as np
 from tqdm import tqdm
 
 from model import STEMS
-from pipeline.audio import AudioError, read_audio, write_audio
+from pipeline.audio import AudioError, write_audio
 from pipeline.catalog.listing import CatalogTrack
 from pipeline.catalog.manifest import ManifestWriter
 from pipeline.catalog.paths import stem_paths
-from pipeline.catalog.storage import full_url, open_location, read_bytes, write_bytes
+from pipeline.catalog.storage import full_url, open_location, read_audio_at, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -212,34 +212,19 @@ def decode_batch(
     out: dict[str, list[Any]] = {**{k: list(v) for k, v in batch.items()}}
     for key in ("audio", "channels", "samples", "sample_rate", "error", "started_at"):
         out[key] = []
-    for uri, name in zip(batch["source_uri"], batch["track_id"], strict=True):
+    for uri in batch["source_uri"]:
         out["started_at"].append(time.time())
         audio, rate, error = None, 0, ""
         try:
-            audio, rate = _decode(str(uri), str(name), storage_options)
+            audio, rate = read_audio_at(str(uri), storage_options)
         except Exception as failure:  # whatever a file does, it fails alone, as an error row
-            error = _readable(failure)
+            error = readable_error(failure)
         out["audio"].append(b"" if audio is None else audio.tobytes())
         out["channels"].append(0 if audio is None else audio.shape[0])
         out["samples"].append(0 if audio is None else audio.shape[1])
         out["sample_rate"].append(rate)
         out["error"].append(error)
     return _columns(out)
-
-
-def _decode(uri: str, name: str, storage_options: dict[str, Any] | None) -> tuple[np.ndarray, int]:
-    fs, path = open_location(uri, storage_options)
-    data = read_bytes(fs, path)
-    if not data:
-        raise AudioError("empty file (0 bytes)")
-    buffer = io.BytesIO(data)
-    buffer.name = os.path.basename(name)
-    audio, rate = read_audio(buffer)
-    if audio.shape[1] == 0:
-        raise AudioError("the file holds no audio samples")
-    if not np.isfinite(audio).all():
-        raise AudioError("the audio holds NaN or infinite samples")
-    return audio, rate
 
 
 class SeparateWorker:
@@ -290,7 +275,7 @@ class SeparateWorker:
         try:
             stems = self.separator.separate(audio, int(batch["sample_rate"][index]))
         except Exception as failure:
-            errors[index] = f"separation failed: {_readable(failure)}"
+            errors[index] = f"separation failed: {readable_error(failure)}"
             return None, started, time.time() - started
         seconds = time.time() - started
         if any(stems[stem].shape != audio.shape for stem in STEMS):
@@ -315,7 +300,7 @@ def encode_batch(batch: dict[str, np.ndarray], config: JobConfig) -> dict[str, n
             try:
                 _write_stems(batch, index, config)
             except Exception as failure:  # after the retries inside write_bytes
-                out["error"][index] = f"writing stems failed: {_readable(failure)}"
+                out["error"][index] = f"writing stems failed: {readable_error(failure)}"
         out["finished_at"].append(time.time())
     return _columns(out)
 
@@ -384,7 +369,7 @@ def _columns(values: dict[str, list[Any]]) -> dict[str, np.ndarray]:
     return columns
 
 
-def _readable(error: BaseException) -> str:
+def readable_error(error: BaseException) -> str:
     """An error as one line a person can act on."""
     if isinstance(error, FileNotFoundError):
         return f"file not found ({error})"

@@ -70,8 +70,11 @@ def manifest_root(destination: str) -> str:
     return posixpath.join(destination, "manifest")
 
 
-def read_manifests(fs, destination: str) -> pa.Table:
-    """Every manifest row ever written under ``destination`` (an empty table if none)."""
+def read_manifests(fs, destination: str, schema: pa.Schema = MANIFEST_SCHEMA) -> pa.Table:
+    """Every manifest row ever written under ``destination`` (an empty table if none).
+
+    ``schema`` is the manifest's kind: the separation's by default, the evaluation's for an
+    evaluation destination (the same layout, other columns)."""
     pattern = posixpath.join(manifest_root(destination), "run=*", "*.parquet")
     fs.invalidate_cache()
     paths = sorted(retry_storage(lambda: fs.glob(pattern), f"listing {pattern}"))
@@ -82,22 +85,29 @@ def read_manifests(fs, destination: str) -> pa.Table:
         except (pa.ArrowInvalid, OSError) as error:
             log.warning("ignoring unreadable manifest %s: %s", path, error)
             return None
-        return table.select([n for n in MANIFEST_SCHEMA.names if n in table.column_names])
+        return table.select([n for n in schema.names if n in table.column_names])
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         tables = [table for table in pool.map(read, paths) if table is not None]
     if not tables:
-        return MANIFEST_SCHEMA.empty_table()
+        return schema.empty_table()
     return pa.concat_tables(tables, promote_options="permissive")
+
+
+def latest_ok_rows(manifests: pa.Table, key: tuple[str, ...] = ("track_id",)) -> dict:
+    """Per ``key`` value (one column: the value; several: a tuple), the most recent ``ok`` row."""
+    rows = manifests.filter(pc.equal(manifests["status"], "ok")).to_pylist()
+    rows.sort(key=lambda row: row["finished_at"] or datetime.min.replace(tzinfo=UTC))
+    if len(key) == 1:
+        return {row[key[0]]: row for row in rows}
+    return {tuple(row[name] for name in key): row for row in rows}
 
 
 def done_records(manifests: pa.Table) -> dict[str, DoneRecord]:
     """Per track, what its most recent ``ok`` row was made from."""
-    rows = manifests.filter(pc.equal(manifests["status"], "ok")).to_pylist()
-    rows.sort(key=lambda row: row["finished_at"] or datetime.min.replace(tzinfo=UTC))
     return {
-        row["track_id"]: DoneRecord(row["source_version"], row["model_id"], row["options_hash"])
-        for row in rows
+        track_id: DoneRecord(row["source_version"], row["model_id"], row["options_hash"])
+        for track_id, row in latest_ok_rows(manifests).items()
     }
 
 
@@ -112,8 +122,10 @@ class ManifestWriter:
         run_id: str,
         flush_rows: int = 256,
         flush_seconds: float = 10.0,
+        schema: pa.Schema = MANIFEST_SCHEMA,
     ) -> None:
         self.fs = fs
+        self.schema = schema
         self.folder = posixpath.join(manifest_root(destination), f"run={run_id}")
         self.flush_rows = flush_rows
         self.rows: list[dict[str, Any]] = []
@@ -149,7 +161,7 @@ class ManifestWriter:
     def _write_part(self) -> None:
         if not self.rows:
             return
-        table = pa.Table.from_pylist(self.rows, schema=MANIFEST_SCHEMA)
+        table = pa.Table.from_pylist(self.rows, schema=self.schema)
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")
         path = posixpath.join(self.folder, f"part-{len(self.parts):05d}.parquet")

@@ -8,6 +8,7 @@ so MinIO, Ceph RGW and AWS all work), ``gs://`` where gcsfs is installed, ``memo
 
 from __future__ import annotations
 
+import io
 import logging
 import posixpath
 import time
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import fsspec
+import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 log = logging.getLogger(__name__)
@@ -109,3 +111,25 @@ def write_bytes(fs, path: str, data: bytes) -> None:
             fs.pipe_file(path, data)
 
     retry_storage(write, f"writing {path}")
+
+
+def read_audio_at(
+    uri: str, storage_options: dict[str, Any] | None = None
+) -> tuple[np.ndarray, int]:
+    """Decode the audio object at ``uri`` (a local path or any fsspec URL), read with retries:
+    float32 (channels, samples) and its rate. Raises ``AudioError`` naming ``uri`` for an empty,
+    undecodable, sample-less or NaN file."""
+    from pipeline.audio import AudioError, read_audio
+
+    fs, path = open_location(uri, storage_options)
+    data = read_bytes(fs, path)
+    if not data:
+        raise AudioError(f"{uri}: empty file (0 bytes)")
+    buffer = io.BytesIO(data)
+    buffer.name = str(uri)
+    audio, rate = read_audio(buffer)
+    if audio.shape[1] == 0:
+        raise AudioError(f"{uri}: the file holds no audio samples")
+    if not np.isfinite(audio).all():
+        raise AudioError(f"{uri}: the audio holds NaN or infinite samples")
+    return audio, rate

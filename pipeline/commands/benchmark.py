@@ -1,58 +1,143 @@
-"""``metasep benchmark``: separate a reference catalog with checkpoints and compare museval SDR."""
+"""``metasep benchmark``: separate a reference catalog with checkpoints and compare museval SDR,
+as the Prefect flow ``benchmark`` (``flows/benchmark.py``): synth (or given) references ->
+``separate_catalog`` per checkpoint -> ``evaluate_catalog`` with the mixture baseline."""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from pipeline.cli import UsageError
+from pipeline.settings import load_settings, use_settings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from pipeline.catalog.cli import json_object, setting_help
+
     parser = subparsers.add_parser(
         "benchmark",
-        help="score checkpoints against the mixture baseline on a reference catalog (museval)",
-        description="Separate every track of REFERENCES/<split> with each checkpoint, score it "
-        "with museval BSSEval v4 (SiSEC 2018 settings) and print median SDR per method and stem "
-        "(median over frames, then over tracks), next to the mixture baseline.",
+        help="separate a test catalog with checkpoints and compare museval SDR (end to end)",
+        description="Render --tracks synth test tracks (or take the catalog REFERENCES), separate "
+        "their mixtures with each checkpoint through the catalog flow, score every checkpoint and "
+        "the mixture baseline with museval BSSEval v4 (SiSEC 2018 settings) through the "
+        "evaluation flow, and print median SDR per method and stem (median over frames, then "
+        "over tracks). Everything lands under --out; a rerun reuses what is done.",
     )
-    parser.add_argument("references", type=Path, help="MUSDB18-HQ-layout catalog")
+    parser.add_argument(
+        "references",
+        nargs="?",
+        metavar="REFERENCES",
+        help="MUSDB18-HQ-layout catalog, local or object storage (default: render synth tracks)",
+    )
     parser.add_argument(
         "--checkpoint",
         action="append",
         default=[],
         metavar="NAME=PATH",
-        help="a method to score (repeatable); PATH may be 'default'",
+        help="a method to score (repeatable; PATH may be 'default'); default: default=default",
     )
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--tracks", type=int, help="score only the first N tracks")
-    parser.add_argument("--workers", type=int, default=1, help="processes")
-    parser.add_argument("--out", type=Path, help="folder for frames.parquet and summary.parquet")
+    parser.add_argument(
+        "--tracks",
+        type=int,
+        metavar="N",
+        help="tracks to render, or the first N of REFERENCES (default: 4 rendered, all given)",
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=30.0, metavar="S", help="rendered track length (30)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=3, metavar="K", help="synth seed (3: the default model's test)"
+    )
+    parser.add_argument("--split", default="test", help="REFERENCES/<split> (default: test)")
+    parser.add_argument("--out", default="out/benchmark", help="output folder or URL")
+    parser.add_argument(
+        "--workers", type=int, metavar="N", help="scoring tasks at once (default: one per CPU)"
+    )
+    parser.add_argument(
+        "--separate-workers",
+        type=int,
+        metavar="N",
+        help="model workers of the separation (default: one per GPU, or CPUs-1)",
+    )
+    parser.add_argument(
+        "--ray-address",
+        help=setting_help("ray_address", "existing Ray cluster (default: RAY_ADDRESS or local)"),
+    )
+    parser.add_argument(
+        "--storage-options",
+        type=json_object,
+        metavar="JSON",
+        help=setting_help("storage_options", "fsspec options"),
+    )
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.benchmark import benchmark, reference_tracks, sdr_table
-    from pipeline.scoring import summarize
+    from model import CheckpointError, resolve_checkpoint
+    from pipeline.catalog.cli import prepare_prefect
+    from pipeline.catalog.listing import CatalogError
+    from pipeline.catalog.summary import format_summary
+    from pipeline.commands.evaluate import exit_code, print_evaluation
 
+    checkpoints = _checkpoints(args.checkpoint)
+    for name, path in checkpoints.items():
+        try:
+            resolve_checkpoint(path)
+        except CheckpointError as error:
+            raise UsageError(f"--checkpoint {name}={path}: {error}") from None
+    for option, value in (("--tracks", args.tracks), ("--workers", args.workers)):
+        if value is not None and value < 1:
+            raise UsageError(f"{option} must be 1 or more, not {value}")
+    if args.references is None and not 1.0 <= args.seconds <= 600.0:
+        raise UsageError(f"--seconds must be between 1 and 600, not {args.seconds:g}")
+    prepare_prefect()
+    from flows.benchmark import benchmark
+
+    # storage options (maybe credentials) reach the flow as settings, not as recorded parameters
+    settings = load_settings(ray_address=args.ray_address, storage_options=args.storage_options)
+    try:
+        with use_settings(settings):
+            result = benchmark(
+                str(args.out),
+                checkpoints,
+                references=args.references,
+                tracks=args.tracks if args.references or args.tracks else 4,
+                seconds=args.seconds,
+                seed=args.seed,
+                split=args.split,
+                workers=args.workers,
+                separate_workers=args.separate_workers,
+                ray_address=settings.ray_address,
+            )
+    except CatalogError as error:
+        raise UsageError(str(error)) from None
+    print(f"references: {result['references']}")
+    for name, separation in result["separations"].items():
+        print(f"{name}: {format_summary(separation).splitlines()[0]}")
+    print()
+    print_evaluation(result["evaluation"])
+    _print_comparison(result["evaluation"])
+    separated = any(s["tracks"]["error"] for s in result["separations"].values())
+    return 1 if separated else exit_code(result["evaluation"])
+
+
+def _checkpoints(items: list[str]) -> dict[str, str]:
     checkpoints = {}
-    for item in args.checkpoint:
+    for item in items or ["default=default"]:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise UsageError(f"--checkpoint expects NAME=PATH, got {item!r}")
+        if name in checkpoints or name == "mixture":
+            raise UsageError(f"--checkpoint name {name!r} is taken")
         checkpoints[name] = path
-    try:
-        tracks = reference_tracks(args.references, args.split, args.tracks)
-    except (ValueError, OSError) as error:
-        raise UsageError(str(error)) from None
-    frames = benchmark(tracks, checkpoints, args.workers)
-    summary = summarize(frames)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        frames.to_parquet(args.out / "frames.parquet")
-        summary.to_parquet(args.out / "summary.parquet")
-    print(f"median SDR in dB over {len(tracks)} tracks of {args.references / args.split}:")
-    print(sdr_table(summary))
-    if args.out:
-        print(f"per-frame scores and summary in {args.out}/")
-    return 0
+    return checkpoints
+
+
+def _print_comparison(evaluation: dict) -> None:
+    import pandas as pd
+
+    from pipeline.evaluation.report import format_sdr_table
+
+    if evaluation["scores"]:
+        print()
+        print(f"median SDR in dB over {evaluation['tracks']} tracks of {evaluation['references']}:")
+        print(format_sdr_table(pd.DataFrame(evaluation["scores"])))

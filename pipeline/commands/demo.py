@@ -40,16 +40,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flows.separate import separate_catalog
-    from pipeline.catalog.cli import quiet_client_logs
+    from pipeline.catalog.cli import prepare_prefect
     from pipeline.catalog.summary import format_summary
 
     if not 1 <= args.tracks <= 1000 or not 1.0 <= args.seconds <= 600.0:
         raise UsageError("--tracks must be 1-1000 and --seconds 1-600")
     library = build_library(args.out, args.tracks, args.seconds)
     checkpoint = demo_checkpoint(settings_from_args(args).checkpoint, args.out)
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    quiet_client_logs()
+    prepare_prefect()
+    from flows.separate import separate_catalog
+
     summary = separate_catalog(str(library), str(args.out / "separated"), checkpoint=checkpoint)
     print()
     print(format_summary(summary))

@@ -14,8 +14,7 @@ import logging
 import socket
 from pathlib import Path
 
-from pipeline.catalog.cli import _json_object as json_object
-from pipeline.catalog.cli import setting_help
+from pipeline.catalog.cli import json_object, setting_help
 from pipeline.catalog.storage import open_location
 from pipeline.cli import UsageError
 from pipeline.commands.separate import build_separator

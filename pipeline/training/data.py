@@ -15,32 +15,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import posixpath
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from model import STEMS
-from pipeline.audio import AudioError, read_audio, resample
+from pipeline.audio import resample
+from pipeline.catalog.references import ReferenceTrack, list_references, read_references
 from pipeline.settings import load_settings
 from pipeline.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = "1"
-
-
-@dataclass(frozen=True)
-class TrackSource:
-    """One track of a catalog: its name and the URL of each stem file."""
-
-    name: str
-    stems: dict[str, str]
-    version: str  # sizes and modification times; a change invalidates the cache
 
 
 class StageTrack:
@@ -61,84 +50,30 @@ class StageTrack:
         return (StageTrack, (self.name, self.folder, self.stage_count))
 
 
-STEM_CONTAINER = "stem.mp4"
-
-
 def find_tracks(
     root: str, split: str, storage_options: dict[str, Any] | None = None
-) -> list[TrackSource]:
-    """Tracks under ``root/split`` (or ``root`` itself when it has no such folder), sorted by name.
-
-    A local catalog of MUSDB18 ``.stem.mp4`` files is read through the musdb package (its
-    ``train``/``valid``/``test`` splits); otherwise the MUSDB18-HQ layout of WAV files is expected.
-    """
-    fs, base = fsspec.core.url_to_fs(root, **(storage_options or {}))
-    if fs.protocol in ("file", ("file", "local")) and list(Path(base).glob("*/*.stem.mp4")):
-        return _musdb_tracks(Path(base), split)
-    folder = posixpath.join(base, split)
-    if not fs.isdir(folder):
-        folder = base
-    if not fs.isdir(folder):
-        raise ValueError(f"{root}: no such catalog folder")
+) -> list[ReferenceTrack]:
+    """The tracks under ``root/split`` (or ``root`` itself when it has no such folder) that have
+    all four stems, sorted by name; a track folder that lacks one is skipped with a warning."""
     tracks = []
-    for entry in sorted(fs.ls(folder, detail=True), key=lambda e: e["name"]):
-        if entry["type"] != "directory":
+    for track in list_references(root, split, storage_options):
+        missing = track.missing(STEMS)
+        if missing:
+            log.warning("skipping %s: it has no %s", track.location, ", ".join(missing))
             continue
-        files = {posixpath.basename(p["name"]): p for p in fs.ls(entry["name"], detail=True)}
-        names = {stem: f"{stem}.wav" for stem in STEMS}
-        if not all(name in files for name in names.values()):
-            log.warning("skipping %s: it lacks one of %s", entry["name"], sorted(names.values()))
-            continue
-        info = [files[names[stem]] for stem in STEMS]
-        version = ";".join(
-            f"{i.get('size')}:{i.get('mtime') or i.get('LastModified') or i.get('ETag')}"
-            for i in info
-        )
-        urls = {stem: fs.unstrip_protocol(files[names[stem]]["name"]) for stem in STEMS}
-        tracks.append(TrackSource(posixpath.basename(entry["name"]), urls, version))
+        tracks.append(track)
     if not tracks:
-        raise ValueError(
-            f"{root}: no tracks with {', '.join(f'{s}.wav' for s in STEMS)} in {folder}"
-        )
-    return tracks
-
-
-def _musdb_tracks(root: Path, split: str) -> list[TrackSource]:
-    import musdb
-
-    subsets, musdb_split = ("test", None) if split == "test" else ("train", split)
-    database = musdb.DB(root=str(root), subsets=subsets, split=musdb_split)
-    tracks = []
-    for track in database.tracks:
-        info = Path(track.path).stat()
-        tracks.append(
-            TrackSource(track.name, {STEM_CONTAINER: track.path}, f"{info.st_size}:{info.st_mtime}")
-        )
-    if not tracks:
-        raise ValueError(f"{root}: no MUSDB18 .stem.mp4 tracks in the {split} split")
+        raise ValueError(f"{root}: no tracks with {', '.join(f'{s}.wav' for s in STEMS)}")
     return tracks
 
 
 def _read_stems(
-    source: TrackSource, storage_options: dict[str, Any] | None
+    source: ReferenceTrack, storage_options: dict[str, Any] | None
 ) -> tuple[np.ndarray, int]:
-    """The four stems of a track as (4, 2, samples) and their rate."""
-    if STEM_CONTAINER in source.stems:  # MUSDB18: mixture, drums, bass, other, vocals streams
-        import stempeg
-
-        audio, rate = stempeg.read_stems(
-            source.stems[STEM_CONTAINER], stem_id=[1, 2, 3, 4], dtype=np.float32, always_3d=True
-        )
-        return np.ascontiguousarray(audio.transpose(0, 2, 1)), int(rate)
-    stems, rate = [], None
-    for stem in STEMS:
-        with fsspec.open(source.stems[stem], "rb", **(storage_options or {})) as file:
-            audio, stem_rate = read_audio(file)
-        if rate not in (None, stem_rate) or (stems and audio.shape[-1] != stems[0].shape[-1]):
-            raise AudioError(f"{source.name}: stems differ in rate or length")
-        stems.append(audio if audio.shape[0] == 2 else np.repeat(audio[:1], 2, axis=0))
-        rate = stem_rate
-    return np.stack(stems), int(rate)
+    """The four stems of a track as (4, 2, samples) and their rate (mono stems duplicated)."""
+    audio, rate = read_references(source, STEMS, storage_options)
+    stems = [a if a.shape[0] == 2 else np.repeat(a[:1], 2, axis=0) for a in audio.values()]
+    return np.stack(stems), rate
 
 
 def default_cache_dir() -> Path:
@@ -147,7 +82,7 @@ def default_cache_dir() -> Path:
 
 
 def prepare_tracks(
-    sources: list[TrackSource],
+    sources: list[ReferenceTrack],
     rates: list[int],
     cache_dir: Path,
     storage_options: dict[str, Any] | None = None,
@@ -163,13 +98,14 @@ def prepare_tracks(
     return tracks
 
 
-def _cache_key(source: TrackSource, rates: list[int]) -> str:
-    text = "|".join([CACHE_VERSION, *source.stems.values(), source.version, *map(str, rates)])
+def _cache_key(source: ReferenceTrack, rates: list[int]) -> str:
+    files = [source.files[name] for name in sorted(source.files)]
+    text = "|".join([CACHE_VERSION, *files, source.version(STEMS), *map(str, rates)])
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 def _write_cache(
-    source: TrackSource, rates: list[int], folder: Path, storage_options: dict[str, Any] | None
+    source: ReferenceTrack, rates: list[int], folder: Path, storage_options: dict[str, Any] | None
 ) -> None:
     stacked, rate = _read_stems(source, storage_options)  # (4, 2, samples)
     staged = [resample(stacked.reshape(-1, stacked.shape[-1]), rate, r) for r in rates]

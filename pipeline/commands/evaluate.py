@@ -1,0 +1,129 @@
+"""``metasep evaluate REFS EST... OUT``: museval scores of whole catalogs, as the Prefect flow
+``evaluate_catalog`` (``flows/evaluate.py``) on a local or remote Ray cluster."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from model import STEMS
+from pipeline.cli import UsageError
+from pipeline.settings import load_settings, use_settings
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from pipeline.catalog.cli import json_object, setting_help
+
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="score estimates against a reference catalog with museval (SiSEC 2018 settings)",
+        description="Score every track of REFS (MUSDB18-HQ layout, local or object storage, or a "
+        "local MUSDB18 folder of .stem.mp4) for each estimate source EST (a `metasep separate` "
+        "catalog destination, or a folder of <track>/<target>.wav) with museval BSSEval v4, one "
+        "Ray task per track and source. Writes OUT/frames.parquet, OUT/summary.parquet, "
+        "OUT/tracks.parquet, museval's per-track JSON under OUT/museval/, OUT/boxplot.png and "
+        "prints median SDR per source and target (median over frames, then over tracks). Pairs "
+        "already scored from the same files are not scored again.",
+    )
+    parser.add_argument("references", metavar="REFS", help="reference catalog")
+    parser.add_argument(
+        "locations",
+        nargs="+",
+        metavar="EST... OUT",
+        help="estimate sources (NAME=LOCATION or LOCATION, named after its last part), then the "
+        "output folder",
+    )
+    parser.add_argument(
+        "--mixture-baseline",
+        action="store_true",
+        help="also score the mixture as every estimate (the floor a separation must beat)",
+    )
+    parser.add_argument("--split", default="test", help="REFS/<split> (default: test)")
+    parser.add_argument(
+        "--targets",
+        type=_targets,
+        default=STEMS,
+        metavar="T,T",
+        help=f"targets to score (default: {','.join(STEMS)})",
+    )
+    parser.add_argument("--tracks", type=int, metavar="N", help="only the first N tracks")
+    parser.add_argument(
+        "--workers", type=int, metavar="N", help="scoring tasks at once (default: one per CPU)"
+    )
+    parser.add_argument(
+        "--ray-address",
+        help=setting_help("ray_address", "existing Ray cluster (default: RAY_ADDRESS or local)"),
+    )
+    parser.add_argument(
+        "--storage-options",
+        type=json_object,
+        metavar="JSON",
+        help=setting_help(
+            "storage_options", 'fsspec options, e.g. \'{"endpoint_url": "http://minio:9000"}\''
+        ),
+    )
+    parser.add_argument("--run-id", help="name of the run (default: UTC time and a random suffix)")
+    parser.set_defaults(handler=run)
+
+
+def _targets(text: str) -> tuple[str, ...]:
+    targets = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in targets if t not in STEMS]
+    if unknown or not targets:
+        raise argparse.ArgumentTypeError(f"choose among {', '.join(STEMS)}")
+    return targets
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipeline.catalog.cli import prepare_prefect
+    from pipeline.catalog.listing import CatalogError
+
+    *estimates, destination = args.locations
+    if not estimates and not args.mixture_baseline:
+        raise UsageError("give at least one estimate source EST before OUT (or --mixture-baseline)")
+    for name, value in (("--workers", args.workers), ("--tracks", args.tracks)):
+        if value is not None and value < 1:
+            raise UsageError(f"{name} must be 1 or more, not {value}")
+    prepare_prefect()
+    from flows.evaluate import evaluate_catalog
+
+    # storage options (maybe credentials) reach the flow as settings, not as recorded parameters
+    settings = load_settings(ray_address=args.ray_address, storage_options=args.storage_options)
+    try:
+        with use_settings(settings):
+            summary = evaluate_catalog(
+                args.references,
+                estimates,
+                destination,
+                workers=args.workers,
+                ray_address=settings.ray_address,
+                split=args.split,
+                targets=args.targets,
+                with_mixture=args.mixture_baseline,
+                limit=args.tracks,
+                run_id=args.run_id,
+            )
+    except CatalogError as error:
+        raise UsageError(str(error)) from None
+    print_evaluation(summary)
+    return exit_code(summary)
+
+
+def print_evaluation(summary: dict[str, Any]) -> None:
+    """The run summary, then the scores: per method and target, the SiSEC medians."""
+    import pandas as pd
+
+    from pipeline.evaluation.report import format_scores, format_summary
+
+    print(format_summary(summary))
+    print(f"summary: {summary['summary_uri']}")
+    if summary["scores"]:
+        print()
+        print("museval BSSEval v4 in dB: median over 1 s frames, then over tracks (SDR mean: mean")
+        print("of the track medians); NaN frames (silent references) left out, as museval does")
+        print(format_scores(pd.DataFrame(summary["scores"])))
+
+
+def exit_code(summary: dict[str, Any]) -> int:
+    """0 when every pair has its scores, 1 when any failed or was not processed."""
+    return 1 if summary["failing_now"] or summary["pairs"]["not_processed"] else 0

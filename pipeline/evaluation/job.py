@@ -1,0 +1,316 @@
+"""The scoring job: one Ray task per (method, track), results recorded as Parquet manifests.
+
+museval's BSSEval v4 is CPU-bound and single-threaded (about 23 s for 30 s of four-stem stereo on
+one core), so a task takes one CPU and the driver keeps ``workers`` of them in flight. Each task
+decodes the reference and estimate files itself (so only URLs travel), scores them, writes
+museval's per-track JSON and returns a manifest row holding the per-frame scores. Whatever goes
+wrong with one track (a corrupt file, a wrong channel count, a worker that died) becomes that
+track's error row; the run goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from pipeline.audio import AudioError, resample
+from pipeline.catalog.job import WorkerStats, readable_error
+from pipeline.catalog.manifest import ManifestWriter
+from pipeline.catalog.references import MIXTURE, read_references
+from pipeline.catalog.storage import open_location, read_audio_at, write_bytes
+from pipeline.evaluation.plan import Pair
+from pipeline.scoring import METRICS, SISEC_RATE, score_track, track_store
+
+_TIME = pa.timestamp("us", tz="UTC")
+FRAME_TYPE = pa.struct(
+    [
+        ("target", pa.string()),
+        ("frame", pa.int32()),
+        ("time", pa.float64()),
+        *((metric, pa.float64()) for metric in METRICS),
+    ]
+)
+EVALUATION_SCHEMA = pa.schema(
+    [
+        ("run_id", pa.string()),
+        ("method", pa.string()),
+        ("track", pa.string()),
+        ("status", pa.string()),  # "ok" or "error"
+        ("error", pa.string()),
+        ("warnings", pa.string()),  # resampled, trimmed, silent references...; "; "-separated
+        ("reference_uri", pa.string()),
+        ("reference_version", pa.string()),
+        ("estimate_uri", pa.string()),
+        ("estimate_version", pa.string()),
+        ("scoring", pa.string()),
+        ("duration_s", pa.float64()),
+        ("json_uri", pa.string()),
+        ("started_at", _TIME),
+        ("finished_at", _TIME),
+        ("worker", pa.string()),
+        ("score_seconds", pa.float64()),  # wall time of the task
+        ("cpu_seconds", pa.float64()),  # CPU time of the task: what a track costs, load aside
+        ("frames", pa.list_(FRAME_TYPE)),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """What the driver and the tasks need; plain values, so that Ray can ship it anywhere."""
+
+    destination: str
+    run_id: str
+    workers: int = 1
+    cpus_per_task: float = 1.0
+    storage_options: dict[str, Any] | None = None
+    flush_rows: int = 64
+    flush_seconds: float = 10.0
+
+
+@dataclass
+class EvaluationResult:
+    """What the job did: counts, audio scored, and per-worker timing."""
+
+    ok: int = 0
+    error: int = 0
+    audio_s: float = 0.0
+    cpu_s: float = 0.0
+    wall_s: float = 0.0
+    errors: list[tuple[str, str, str]] = field(default_factory=list)  # (method, track, message)
+    warnings: list[tuple[str, str, str]] = field(default_factory=list)
+    workers: dict[str, WorkerStats] = field(default_factory=dict)
+
+    @property
+    def tracks_per_hour(self) -> float | None:
+        """Pairs scored per hour of wall time: the throughput of the cluster on this catalog."""
+        return 3600 * self.ok / self.wall_s if self.wall_s > 0 and self.ok else None
+
+
+def run_evaluation(
+    todo: list[Pair], failing: list[Pair], config: EvaluationConfig
+) -> EvaluationResult:
+    """Score ``todo`` on the connected Ray cluster and record an error row for each pair of
+    ``failing``; every row goes to ``DST/manifest/run=<run_id>/``."""
+    import ray
+
+    fs, destination = open_location(config.destination, config.storage_options)
+    result = EvaluationResult()
+    writer = ManifestWriter(
+        fs,
+        destination,
+        config.run_id,
+        config.flush_rows,
+        config.flush_seconds,
+        schema=EVALUATION_SCHEMA,
+    )
+    try:
+        for pair in failing:
+            _record(writer, result, problem_row(pair), config.run_id)
+        if todo:
+            _score_on_ray(ray, todo, config, writer, result)
+    finally:
+        writer.close()  # rows collected so far are true (their JSON exists) even if Ray failed
+    return result
+
+
+def _score_on_ray(
+    ray,
+    todo: list[Pair],
+    config: EvaluationConfig,
+    writer: ManifestWriter,
+    result: EvaluationResult,
+) -> None:
+    """Keep ``config.workers`` tasks in flight; record each row as soon as its task ends."""
+    task = ray.remote(num_cpus=config.cpus_per_task, max_retries=3)(score_pair)
+    queue = list(reversed(todo))
+    pending: dict[Any, Pair] = {}
+    started = time.monotonic()
+    with tqdm(total=len(todo), unit="track", desc="scoring", dynamic_ncols=True) as bar:
+        while queue or pending:
+            while queue and len(pending) < max(1, config.workers):
+                pair = queue.pop()
+                pending[task.remote(pair, config.storage_options)] = pair
+            (ready,), _ = ray.wait(list(pending), num_returns=1)
+            pair = pending.pop(ready)
+            try:
+                row = ray.get(ready)
+            except Exception as failure:  # the worker died (and its retries): the track fails
+                row = {**problem_row(pair), "error": f"worker failed: {readable_error(failure)}"}
+            _record(writer, result, row, config.run_id)
+            bar.update()
+            bar.set_postfix(ok=result.ok, error=result.error)
+    result.wall_s = time.monotonic() - started
+
+
+def _record(
+    writer: ManifestWriter, result: EvaluationResult, row: dict[str, Any], run_id: str
+) -> None:
+    row = {**row, "run_id": run_id}
+    writer.add(row)
+    where = (row["method"], row["track"])
+    if row["warnings"]:
+        result.warnings.append((*where, row["warnings"]))
+    if row["status"] != "ok":
+        result.error += 1
+        result.errors.append((*where, row["error"]))
+        return
+    result.ok += 1
+    result.audio_s += row["duration_s"]
+    result.cpu_s += row["cpu_seconds"]
+    stats = result.workers.setdefault(row["worker"], WorkerStats())
+    started = row["started_at"].timestamp()
+    stats.tracks += 1
+    stats.audio_s += row["duration_s"]
+    stats.model_s += row["score_seconds"]
+    stats.first_start = min(stats.first_start, started)
+    stats.last_end = max(stats.last_end, started + row["score_seconds"])
+
+
+def problem_row(pair: Pair) -> dict[str, Any]:
+    """The error row of a pair that cannot be scored (its ``problem`` is the message)."""
+    now = datetime.now(UTC)
+    return {
+        **_identity(pair),
+        "status": "error",
+        "error": pair.problem or "not scored",
+        "warnings": None,
+        "duration_s": None,
+        "json_uri": None,
+        "started_at": now,
+        "finished_at": now,
+        "worker": None,
+        "score_seconds": None,
+        "cpu_seconds": None,
+        "frames": None,
+    }
+
+
+def score_pair(pair: Pair, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Score one method's estimates of one track (runs in a Ray task); never raises: a failure
+    is the row's ``error``. Writes museval's per-track JSON before returning an ``ok`` row."""
+    started_at = datetime.now(UTC)
+    clock, cpu = time.perf_counter(), time.process_time()
+    logging.getLogger("pipeline.scoring").setLevel(logging.ERROR)  # its warnings go in the row
+    row = {**_identity(pair), "started_at": started_at, "worker": _worker_name()}
+    try:
+        frames, warnings, duration_s = _score(pair, storage_options)
+        fs, path = open_location(pair.json_uri, storage_options)
+        write_bytes(fs, path, track_store(pair.track, frames).json.encode())
+    except Exception as failure:
+        return {
+            **row,
+            "status": "error",
+            "error": readable_error(failure),
+            "warnings": None,
+            "duration_s": None,
+            "json_uri": None,
+            "finished_at": datetime.now(UTC),
+            "score_seconds": time.perf_counter() - clock,
+            "cpu_seconds": time.process_time() - cpu,
+            "frames": None,
+        }
+    return {
+        **row,
+        "status": "ok",
+        "error": None,
+        "warnings": "; ".join(warnings) or None,
+        "duration_s": duration_s,
+        "json_uri": pair.json_uri,
+        "finished_at": datetime.now(UTC),
+        "score_seconds": time.perf_counter() - clock,
+        "cpu_seconds": time.process_time() - cpu,
+        "frames": frames.to_dict("records"),
+    }
+
+
+def _score(pair: Pair, storage_options: dict[str, Any] | None) -> tuple[Any, list[str], float]:
+    """Per-frame scores of the pair, the warnings about how its files were used, its length."""
+    baseline = pair.estimate is None
+    names = (*pair.targets, MIXTURE) if baseline else pair.targets
+    references, rate = read_references(pair.reference, names, storage_options)
+    warnings: list[str] = []
+    if baseline:
+        estimates = dict.fromkeys(pair.targets, references.pop(MIXTURE))
+    else:
+        estimates = {}
+        for target in pair.targets:
+            audio, estimate_rate = read_audio_at(pair.estimate.files[target], storage_options)
+            shape = references[target].shape
+            estimates[target] = conform(audio, estimate_rate, shape, rate, target, warnings)
+    if rate != SISEC_RATE:
+        warnings.append(f"references at {rate} Hz: scored at {SISEC_RATE} Hz (SiSEC settings)")
+        references = {t: resample(a, rate, SISEC_RATE) for t, a in references.items()}
+        estimates = {t: resample(a, rate, SISEC_RATE) for t, a in estimates.items()}
+    silent = [t for t in pair.targets if not np.any(references[t])]
+    if silent:
+        warnings.append(f"silent reference ({', '.join(silent)}): its scores are NaN")
+    duration_s = references[pair.targets[0]].shape[-1] / SISEC_RATE
+    return score_track(references, estimates, SISEC_RATE), warnings, duration_s
+
+
+def conform(
+    audio: np.ndarray,
+    rate: int,
+    shape: tuple[int, int],
+    reference_rate: int,
+    target: str,
+    warnings: list[str],
+) -> np.ndarray:
+    """An estimate brought to its reference's rate, channels and length, each change noted in
+    ``warnings``; an estimate that cannot be matched raises :class:`AudioError`."""
+    channels, samples = shape
+    estimate_channels = audio.shape[0]
+    if rate != reference_rate:
+        audio = resample(audio, rate, reference_rate)
+        warnings.append(f"{target}: estimate at {rate} Hz resampled to {reference_rate} Hz")
+    if estimate_channels != channels:
+        if estimate_channels == 1:
+            audio = np.repeat(audio, channels, axis=0)
+            warnings.append(f"{target}: mono estimate used for all {channels} channels")
+        elif channels == 1:
+            audio = audio.mean(axis=0, keepdims=True)
+            warnings.append(f"{target}: {estimate_channels}-channel estimate mixed down to mono")
+        else:
+            raise AudioError(
+                f"{target}: the estimate has {estimate_channels} channels, the reference {channels}"
+            )
+    difference = audio.shape[1] - samples
+    if difference > 0:
+        audio = audio[:, :samples]
+        warnings.append(f"{target}: estimate {difference} samples longer, trimmed")
+    elif difference < 0:
+        audio = np.pad(audio, ((0, 0), (0, -difference)))
+        warnings.append(f"{target}: estimate {-difference} samples shorter, padded with silence")
+    return audio
+
+
+def _identity(pair: Pair) -> dict[str, Any]:
+    return {
+        "method": pair.method,
+        "track": pair.track,
+        "reference_uri": pair.reference.location,
+        "reference_version": pair.reference_version,
+        "estimate_uri": pair.estimate_location,
+        "estimate_version": pair.estimate_version,
+        "scoring": pair.scoring,
+    }
+
+
+def _worker_name() -> str:
+    try:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()[:8]
+    except Exception:  # outside Ray (a direct call): the host and process are enough
+        node = "local"
+    return f"{socket.gethostname()}/{node}/{os.getpid()}"
