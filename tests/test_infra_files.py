@@ -275,6 +275,16 @@ def test_prefect_yaml_is_valid_for_prefect_and_its_flows():
         assert deployment["work_pool"]["name"] in pools
         for schedule in deployment.get("schedules", []):
             CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
+    by_flow = {}
+    for deployment in raw["deployments"]:
+        by_flow.setdefault(deployment["entrypoint"], set()).add(
+            pools[deployment["work_pool"]["name"]]
+        )
+    assert by_flow == {
+        "flows.separate.separate_catalog": {"process", "kubernetes"},
+        "flows.evaluate.evaluate_catalog": {"process", "kubernetes"},
+        "flows.benchmark.benchmark": {"process"},  # renders its references on local disk
+    }
     separations = [d for d in raw["deployments"] if d["entrypoint"].endswith("separate_catalog")]
     assert {pools[d["work_pool"]["name"]] for d in separations} == {"process", "kubernetes"}
     for deployment in separations:
