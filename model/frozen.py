@@ -56,7 +56,7 @@ class FrozenTasNet(nn.Module):
         outputs, previous = [], None
         for index, (stage, mix) in enumerate(zip(self.stages, mixes, strict=True)):
             decode = decode_all or index == len(self.stages) - 1
-            stems, previous = stage(mix.to(self.dtype), previous, decode)
+            stems, previous = stage(mix.float(), previous, decode)
             if stems is not None:
                 outputs.append(stems)
         return outputs
@@ -104,12 +104,16 @@ class _FrozenEncoder(nn.Module):
         self.register_buffer("second", _constant(second, dtype), persistent=False)
 
     def forward(self, signal: torch.Tensor) -> torch.Tensor:
+        """Latent frames of a float32 (B, 1, T) signal. The mel branch reads the signal in
+        float32 whatever the network's dtype: it takes logarithms of the power spectrum, where
+        rounding the signal to bfloat16 (-48 dB) would raise the floor of every quiet bin."""
+        low = signal.to(self.first.dtype)
         parts = [
-            F.relu(F.conv1d(signal, getattr(self, f"filter_{level}"), stride=stride, padding=pad))
+            F.relu(F.conv1d(low, getattr(self, f"filter_{level}"), stride=stride, padding=pad))
             for level, (stride, pad) in enumerate(zip(self.strides, self.paddings, strict=True))
         ]
         frames = parts[0].shape[-1]
-        mel = self.spectrogram(signal.float(), frames)
+        mel = self.spectrogram(signal, frames)
         features = torch.cat([*parts, mel.to(parts[0].dtype)], dim=1)
         hidden = F.relu(torch.matmul(self.first, features))
         return torch.matmul(self.second, hidden)

@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-COMMANDS = ("benchmark", "convert", "demo", "separate", "synth", "train")
+COMMANDS = ("bench", "benchmark", "convert", "demo", "separate", "synth", "train")
 
 
 class UsageError(Exception):
