@@ -297,7 +297,9 @@ class _Conv(nn.Module):
         constants = shift.unsqueeze(-1) * kernel  # each tap's contribution of the shift
         centre = offsets.index(0)
         inside = constants.sum(-1) + self.bias.double()
-        y = torch.addcmul(inside.to(x.dtype).reshape(shape), x, taps[..., centre : centre + 1])
+        # x * tap + inside, as a product then an in-place add: addcmul with a broadcast first
+        # operand takes a slow path.
+        y = torch.mul(x, taps[..., centre : centre + 1]).add_(inside.to(x.dtype).reshape(shape))
         constants = constants.to(x.dtype).reshape(*shape[:2], len(offsets))
         for tap, offset in enumerate(offsets):
             weight, constant = taps[..., tap : tap + 1], constants[..., tap : tap + 1]
@@ -393,11 +395,13 @@ def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     From a float32 sum and sum of squares (two vectorised reads; ``torch.var_mean`` is some 40x
     slower on CPU). E[x²] - E[x]² is formed in float64; it loses precision only where the mean is
     orders of magnitude above the spread, which these activations (PReLU of convolutions of
-    normalised signals) are not.
+    normalised signals) are not. Lower-precision input is cast to float32 first: one vectorised
+    cast and two float32 reads beat float32-accumulating reductions of bfloat16 several times.
     """
+    x = x.float()
     count = x.shape[-1]
-    mean = x.sum(-1, dtype=torch.float32).double() / count
-    norm = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).double()
+    mean = x.sum(-1).double() / count
+    norm = torch.linalg.vector_norm(x, dim=-1).double()
     return mean, (norm.square() / count - mean.square()).clamp_min(0)
 
 

@@ -105,6 +105,7 @@ class _Statistics:
     mean: np.ndarray  # (stages, channels)
     scale: np.ndarray  # (stages, channels): the standard deviation, floored at SILENCE
     length: int  # base-rate samples the network runs on (padded up to the window alignment)
+    silent: np.ndarray  # (channels,): no signal beyond a constant (silence or DC) in the source
 
 
 class Separator:
@@ -286,7 +287,11 @@ class Separator:
         emit(back.push(np.zeros((channels * len(STEMS), 0), np.float32), last=True))
         if written < frames:  # the resampler came up a few samples short
             emit(np.zeros((channels * len(STEMS), frames - written), np.float32))
-        return least_squares(gram, target)
+        coefficients = least_squares(gram, target)
+        # A channel without any signal beyond a constant (silence, DC) has nothing to separate:
+        # fitting the network's output to the offset would invent stems.
+        coefficients[statistics.silent] = 0
+        return coefficients
 
     def _statistics(self, source: _Source) -> _Statistics:
         """First pass: the source's length and each stage signal's mean and deviation."""
@@ -295,9 +300,11 @@ class Separator:
         sums = np.zeros((len(resamplers), channels, 3))  # count, sum, sum of squares
         frames = 0
         empty = np.zeros((channels, 0), np.float32)
+        low, high = np.full(channels, np.inf), np.full(channels, -np.inf)
         for block in itertools.chain(source.blocks(_READ_BLOCK), [None]):
-            if block is not None:
+            if block is not None and block.shape[1]:
                 frames += block.shape[1]
+                low, high = np.minimum(low, block.min(1)), np.maximum(high, block.max(1))
             for i, resampler in enumerate(resamplers):
                 part = resampler.push(empty if block is None else block, last=block is None)
                 part = part.astype(np.float64)
@@ -312,7 +319,10 @@ class Separator:
         scale = np.maximum(np.sqrt(variance), SILENCE)
         base = self.config.sampling_rate
         length = _round_up(math.ceil(frames * base / source.rate), self.align)
-        return _Statistics(frames, mean.astype(np.float32), scale.astype(np.float32), length)
+        silent = high - low <= SILENCE  # constant within -100 dBFS
+        return _Statistics(
+            frames, mean.astype(np.float32), scale.astype(np.float32), length, silent
+        )
 
     def _windowed(
         self,
