@@ -48,7 +48,7 @@ from pipeline.audio import (
     open_audio,
 )
 
-ENGINE_VERSION = 1  # bump when a change alters the engine's output for the same options
+ENGINE_VERSION = 2  # bump when a change alters the engine's output for the same options
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SILENCE = 1e-5  # floor of the normalising standard deviation (about -100 dBFS)
 DEFAULT_SEGMENT = 12.0  # seconds of output per window
