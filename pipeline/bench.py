@@ -57,6 +57,7 @@ class BenchOptions:
     context: float = DEFAULT_CONTEXT
     batch_size: int = DEFAULT_BATCH
     engine_only: bool = False  # skip the reference and the agreement (memory scaling runs)
+    threads: int | None = None  # torch CPU threads of both timed processes (None: torch's)
 
 
 def bench_audio(seconds: float, rate: int = BENCH_RATE, seed: int = 0) -> np.ndarray:
@@ -125,7 +126,7 @@ def run_bench(model: MultiTasNet, options: BenchOptions) -> dict[str, Any]:
         "segment": options.segment,
         "context": options.context,
         "batch_size": options.batch_size,
-        "threads": torch.get_num_threads(),
+        "threads": options.threads or torch.get_num_threads(),
         "cpu": _cpu_name(),
         "torch": torch.__version__,
     }
@@ -184,6 +185,7 @@ def _engine_job(
     checkpoint: Path, source: Path, destination: Path, options: BenchOptions
 ) -> dict[str, Any]:
     """In a fresh process: separate ``source`` into files; time, memory."""
+    _set_threads(options)
     separator = _separator(checkpoint, options)
     loaded = _peak_rss_mb()
     _reset_device_peak(separator.device)
@@ -201,6 +203,7 @@ def _engine_job(
 def _reference_job(checkpoint: Path, work: Path, options: BenchOptions) -> dict[str, Any]:
     """In a fresh process: the release's chunked inference of each channel in turn (timed), then
     the single-pass output (not timed); both last stages are saved for the agreement."""
+    _set_threads(options)
     device = torch.device(options.device)
     model = load_checkpoint(checkpoint).to(device)
     mixes = [np.load(path) for path in sorted(work.glob("stage*.npy"))]
@@ -225,6 +228,11 @@ def _reference_job(checkpoint: Path, work: Path, options: BenchOptions) -> dict[
     single = [model.inference(channel_inputs(c), 1)[-1].cpu() for c in range(channels)]
     np.save(work / "single.npy", torch.cat(single)[:, :, 0].numpy())
     return figures
+
+
+def _set_threads(options: BenchOptions) -> None:
+    if options.threads:
+        torch.set_num_threads(options.threads)
 
 
 def _in_fresh_process(function: Any, *args: Any) -> dict[str, Any]:

@@ -37,6 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="time the engine and its peak memory only (e.g. to compare track lengths)",
     )
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads of both timed processes (default: torch's)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of random weights")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(handler=run)
@@ -50,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not (math.isfinite(args.seconds) and args.seconds > 0):
         raise UsageError("--seconds must be a positive number")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError("--threads must be at least 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model, weights = bench_model(args.config, args.seed)
@@ -61,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
             context=args.context,
             batch_size=args.batch_size,
             engine_only=args.engine_only,
+            threads=args.threads,
         )
         # Refuse options the engine cannot run before any process is started.
         Separator(model, device, args.precision, args.segment, args.context, args.batch_size)
