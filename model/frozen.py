@@ -109,13 +109,13 @@ class _FrozenEncoder(nn.Module):
         rounding the signal to bfloat16 (-48 dB) would raise the floor of every quiet bin."""
         low = signal.to(self.first.dtype)
         parts = [
-            F.relu(F.conv1d(low, getattr(self, f"filter_{level}"), stride=stride, padding=pad))
+            F.relu_(F.conv1d(low, getattr(self, f"filter_{level}"), stride=stride, padding=pad))
             for level, (stride, pad) in enumerate(zip(self.strides, self.paddings, strict=True))
         ]
         frames = parts[0].shape[-1]
         mel = self.spectrogram(signal, frames)
         features = torch.cat([*parts, mel.to(parts[0].dtype)], dim=1)
-        hidden = F.relu(torch.matmul(self.first, features))
+        hidden = F.relu_(torch.matmul(self.first, features))
         return torch.matmul(self.second, hidden)
 
 
@@ -160,16 +160,19 @@ class _FrozenMask(nn.Module):
         skip = torch.zeros_like(x)
         carry = x.new_zeros(batch * INSTRUMENTS, out_channels, 1)  # constants not yet added to x
         skip_carry = torch.zeros_like(carry)
+        # Every block's two intermediate activations go to the same two buffers: touching fresh
+        # pages for each block's tensors cost more than the arithmetic on some machines.
+        hidden_size = (batch * INSTRUMENTS, self.blocks[0].hidden_channels, frames)
+        workspace = (x.new_empty(hidden_size), x.new_empty(hidden_size)) if self.blocks else ()
         for block in self.blocks:
-            carry, skip_carry = block(x, skip, carry, skip_carry, batch)
+            carry, skip_carry = block(x, skip, carry, skip_carry, batch, workspace)
 
         skip = F.leaky_relu_(skip.add_(skip_carry), slope_3)
         scale, shift = self.norm_3.affine(skip, batch)
         weight, bias = self.mask_output.fold(scale, shift)
         mask = torch.baddbmm(bias.reshape(batch * INSTRUMENTS, -1, 1), weight.flatten(0, 1), skip)
         mask = self.norm_4.apply_(F.leaky_relu_(mask, slope_4), batch)
-        mask = torch.softmax(mask.view(batch, INSTRUMENTS, self.N, frames), dim=1)
-        return mask.mul_(latent.unsqueeze(1))
+        return _softmax_over_instruments_(mask.view(batch, INSTRUMENTS, self.N, frames), latent)
 
 
 class _FrozenBlock(nn.Module):
@@ -188,6 +191,7 @@ class _FrozenBlock(nn.Module):
         self.res_out = _Conv(block.res_out, instrument, dtype)
         self.skip_out = _Conv(block.skip_out, instrument, dtype)
         self.slope_1, self.slope_2 = _slope(block.prelu_1), _slope(block.prelu_2)
+        self.hidden_channels = self.conv.kernel.shape[1]
 
     def forward(
         self,
@@ -196,12 +200,15 @@ class _FrozenBlock(nn.Module):
         carry: torch.Tensor,
         skip_carry: torch.Tensor,
         batch: int,
+        workspace: tuple[torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Update ``x`` and ``skip`` in place; return the new carries. ``workspace`` holds two
+        (B*4, H, T) buffers that the block overwrites."""
         weight = self.conv.stacked(batch)
-        hidden = torch.baddbmm(torch.bmm(weight, carry), weight, x)
+        hidden = torch.baddbmm(torch.bmm(weight, carry), weight, x, out=workspace[0])
         hidden = F.leaky_relu_(hidden, self.slope_1)
         scale, shift = self.norm_1.affine(hidden, batch)
-        hidden = self.depthwise.depthwise(hidden, scale, shift, batch)
+        hidden = self.depthwise.depthwise(hidden, scale, shift, batch, out=workspace[1])
         hidden = F.leaky_relu_(hidden, self.slope_2)
         scale, shift = self.norm_2.affine(hidden, batch)
         res_weight, res_bias = self.res_out.fold(scale, shift)
@@ -276,7 +283,12 @@ class _Conv(nn.Module):
         return weight, bias.to(matrix.dtype)
 
     def depthwise(
-        self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, batch: int
+        self,
+        x: torch.Tensor,
+        scale: torch.Tensor,
+        shift: torch.Tensor,
+        batch: int,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The depthwise (groups = channels) convolution of ``x * scale + shift`` for x (B*4, C, T)
         and per-channel (B, 4, C) scale and shift (a GroupNorm folded in).
@@ -284,7 +296,7 @@ class _Conv(nn.Module):
         Computed as one shifted multiply-add per tap, which is several times faster than oneDNN's
         dilated depthwise convolution. The shift is a constant per channel, so it adds
         ``shift * sum(kernel)`` inside and a little less at the ends, where taps fall into the
-        zero padding.
+        zero padding. The result goes to ``out`` when given (and the fast path applies).
         """
         frames = x.shape[-1]
         kernel = self.kernel[:, :, 0, :].double()  # (4, C, k)
@@ -299,7 +311,8 @@ class _Conv(nn.Module):
         inside = constants.sum(-1) + self.bias.double()
         # x * tap + inside, as a product then an in-place add: addcmul with a broadcast first
         # operand takes a slow path.
-        y = torch.mul(x, taps[..., centre : centre + 1]).add_(inside.to(x.dtype).reshape(shape))
+        y = torch.mul(x, taps[..., centre : centre + 1], out=out)
+        y.add_(inside.to(x.dtype).reshape(shape))
         constants = constants.to(x.dtype).reshape(*shape[:2], len(offsets))
         for tap, offset in enumerate(offsets):
             weight, constant = taps[..., tap : tap + 1], constants[..., tap : tap + 1]
@@ -372,6 +385,22 @@ class _Norm(nn.Module):
         scale, shift = self.affine(x, batch)
         shape = (batch * INSTRUMENTS, -1, 1)
         return x.mul_(scale.reshape(shape).to(x.dtype)).add_(shift.reshape(shape).to(x.dtype))
+
+
+def _softmax_over_instruments_(logits: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    """``softmax(logits, dim=1) * latent`` for (B, 4, N, T) logits and (B, N, T) latents,
+    computed in the logits' memory. Each instrument's (N, T) slab is a whole array, so the
+    maximum and the sum over instruments are element-wise operations between slabs: torch's
+    softmax over a non-last dimension of size 4 took twice as long (and a second copy)."""
+    slabs = logits.unbind(1)
+    top = slabs[0].clone()
+    for slab in slabs[1:]:
+        torch.maximum(top, slab, out=top)
+    logits.sub_(top.unsqueeze(1)).exp_()
+    total = torch.add(slabs[0], slabs[1], out=top)
+    for slab in slabs[2:]:
+        total.add_(slab)
+    return logits.mul_(torch.div(latent, total, out=total).unsqueeze(1))
 
 
 def _channel_moments(
