@@ -56,7 +56,7 @@ class FrozenTasNet(nn.Module):
         outputs, previous = [], None
         for index, (stage, mix) in enumerate(zip(self.stages, mixes, strict=True)):
             decode = decode_all or index == len(self.stages) - 1
-            stems, previous = stage(mix.to(self.dtype), previous, decode)
+            stems, previous = stage(mix.float(), previous, decode)
             if stems is not None:
                 outputs.append(stems)
         return outputs
@@ -104,14 +104,18 @@ class _FrozenEncoder(nn.Module):
         self.register_buffer("second", _constant(second, dtype), persistent=False)
 
     def forward(self, signal: torch.Tensor) -> torch.Tensor:
+        """Latent frames of a float32 (B, 1, T) signal. The mel branch reads the signal in
+        float32 whatever the network's dtype: it takes logarithms of the power spectrum, where
+        rounding the signal to bfloat16 (-48 dB) would raise the floor of every quiet bin."""
+        low = signal.to(self.first.dtype)
         parts = [
-            F.relu(F.conv1d(signal, getattr(self, f"filter_{level}"), stride=stride, padding=pad))
+            F.relu_(F.conv1d(low, getattr(self, f"filter_{level}"), stride=stride, padding=pad))
             for level, (stride, pad) in enumerate(zip(self.strides, self.paddings, strict=True))
         ]
         frames = parts[0].shape[-1]
-        mel = self.spectrogram(signal.float(), frames)
+        mel = self.spectrogram(signal, frames)
         features = torch.cat([*parts, mel.to(parts[0].dtype)], dim=1)
-        hidden = F.relu(torch.matmul(self.first, features))
+        hidden = F.relu_(torch.matmul(self.first, features))
         return torch.matmul(self.second, hidden)
 
 
@@ -156,16 +160,19 @@ class _FrozenMask(nn.Module):
         skip = torch.zeros_like(x)
         carry = x.new_zeros(batch * INSTRUMENTS, out_channels, 1)  # constants not yet added to x
         skip_carry = torch.zeros_like(carry)
+        # Every block's two intermediate activations go to the same two buffers: touching fresh
+        # pages for each block's tensors cost more than the arithmetic on some machines.
+        hidden_size = (batch * INSTRUMENTS, self.blocks[0].hidden_channels, frames)
+        workspace = (x.new_empty(hidden_size), x.new_empty(hidden_size)) if self.blocks else ()
         for block in self.blocks:
-            carry, skip_carry = block(x, skip, carry, skip_carry, batch)
+            carry, skip_carry = block(x, skip, carry, skip_carry, batch, workspace)
 
         skip = F.leaky_relu_(skip.add_(skip_carry), slope_3)
         scale, shift = self.norm_3.affine(skip, batch)
         weight, bias = self.mask_output.fold(scale, shift)
         mask = torch.baddbmm(bias.reshape(batch * INSTRUMENTS, -1, 1), weight.flatten(0, 1), skip)
         mask = self.norm_4.apply_(F.leaky_relu_(mask, slope_4), batch)
-        mask = torch.softmax(mask.view(batch, INSTRUMENTS, self.N, frames), dim=1)
-        return mask.mul_(latent.unsqueeze(1))
+        return _softmax_over_instruments_(mask.view(batch, INSTRUMENTS, self.N, frames), latent)
 
 
 class _FrozenBlock(nn.Module):
@@ -184,6 +191,7 @@ class _FrozenBlock(nn.Module):
         self.res_out = _Conv(block.res_out, instrument, dtype)
         self.skip_out = _Conv(block.skip_out, instrument, dtype)
         self.slope_1, self.slope_2 = _slope(block.prelu_1), _slope(block.prelu_2)
+        self.hidden_channels = self.conv.kernel.shape[1]
 
     def forward(
         self,
@@ -192,12 +200,15 @@ class _FrozenBlock(nn.Module):
         carry: torch.Tensor,
         skip_carry: torch.Tensor,
         batch: int,
+        workspace: tuple[torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Update ``x`` and ``skip`` in place; return the new carries. ``workspace`` holds two
+        (B*4, H, T) buffers that the block overwrites."""
         weight = self.conv.stacked(batch)
-        hidden = torch.baddbmm(torch.bmm(weight, carry), weight, x)
+        hidden = torch.baddbmm(torch.bmm(weight, carry), weight, x, out=workspace[0])
         hidden = F.leaky_relu_(hidden, self.slope_1)
         scale, shift = self.norm_1.affine(hidden, batch)
-        hidden = self.depthwise.depthwise(hidden, scale, shift, batch)
+        hidden = self.depthwise.depthwise(hidden, scale, shift, batch, out=workspace[1])
         hidden = F.leaky_relu_(hidden, self.slope_2)
         scale, shift = self.norm_2.affine(hidden, batch)
         res_weight, res_bias = self.res_out.fold(scale, shift)
@@ -272,7 +283,12 @@ class _Conv(nn.Module):
         return weight, bias.to(matrix.dtype)
 
     def depthwise(
-        self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, batch: int
+        self,
+        x: torch.Tensor,
+        scale: torch.Tensor,
+        shift: torch.Tensor,
+        batch: int,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The depthwise (groups = channels) convolution of ``x * scale + shift`` for x (B*4, C, T)
         and per-channel (B, 4, C) scale and shift (a GroupNorm folded in).
@@ -280,7 +296,7 @@ class _Conv(nn.Module):
         Computed as one shifted multiply-add per tap, which is several times faster than oneDNN's
         dilated depthwise convolution. The shift is a constant per channel, so it adds
         ``shift * sum(kernel)`` inside and a little less at the ends, where taps fall into the
-        zero padding.
+        zero padding. The result goes to ``out`` when given (and the fast path applies).
         """
         frames = x.shape[-1]
         kernel = self.kernel[:, :, 0, :].double()  # (4, C, k)
@@ -293,7 +309,10 @@ class _Conv(nn.Module):
         constants = shift.unsqueeze(-1) * kernel  # each tap's contribution of the shift
         centre = offsets.index(0)
         inside = constants.sum(-1) + self.bias.double()
-        y = torch.addcmul(inside.to(x.dtype).reshape(shape), x, taps[..., centre : centre + 1])
+        # x * tap + inside, as a product then an in-place add: addcmul with a broadcast first
+        # operand takes a slow path.
+        y = torch.mul(x, taps[..., centre : centre + 1], out=out)
+        y.add_(inside.to(x.dtype).reshape(shape))
         constants = constants.to(x.dtype).reshape(*shape[:2], len(offsets))
         for tap, offset in enumerate(offsets):
             weight, constant = taps[..., tap : tap + 1], constants[..., tap : tap + 1]
@@ -368,6 +387,22 @@ class _Norm(nn.Module):
         return x.mul_(scale.reshape(shape).to(x.dtype)).add_(shift.reshape(shape).to(x.dtype))
 
 
+def _softmax_over_instruments_(logits: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    """``softmax(logits, dim=1) * latent`` for (B, 4, N, T) logits and (B, N, T) latents,
+    computed in the logits' memory. Each instrument's (N, T) slab is a whole array, so the
+    maximum and the sum over instruments are element-wise operations between slabs: torch's
+    softmax over a non-last dimension of size 4 took twice as long (and a second copy)."""
+    slabs = logits.unbind(1)
+    top = slabs[0].clone()
+    for slab in slabs[1:]:
+        torch.maximum(top, slab, out=top)
+    logits.sub_(top.unsqueeze(1)).exp_()
+    total = torch.add(slabs[0], slabs[1], out=top)
+    for slab in slabs[2:]:
+        total.add_(slab)
+    return logits.mul_(torch.div(latent, total, out=total).unsqueeze(1))
+
+
 def _channel_moments(
     shared: torch.Tensor, own: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -389,11 +424,13 @@ def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     From a float32 sum and sum of squares (two vectorised reads; ``torch.var_mean`` is some 40x
     slower on CPU). E[x²] - E[x]² is formed in float64; it loses precision only where the mean is
     orders of magnitude above the spread, which these activations (PReLU of convolutions of
-    normalised signals) are not.
+    normalised signals) are not. Lower-precision input is cast to float32 first: one vectorised
+    cast and two float32 reads beat float32-accumulating reductions of bfloat16 several times.
     """
+    x = x.float()
     count = x.shape[-1]
-    mean = x.sum(-1, dtype=torch.float32).double() / count
-    norm = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).double()
+    mean = x.sum(-1).double() / count
+    norm = torch.linalg.vector_norm(x, dim=-1).double()
     return mean, (norm.square() / count - mean.square()).clamp_min(0)
 
 

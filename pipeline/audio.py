@@ -244,7 +244,10 @@ def _format(format: str) -> tuple[str, str]:
 
 
 def _name(source: str | Path | BinaryIO) -> str:
-    return str(getattr(source, "name", source))
+    """How messages name an input: a path as given (a file object by its name, if any)."""
+    if isinstance(source, str | Path):
+        return str(source)
+    return str(getattr(source, "name", "<audio stream>"))
 
 
 def _last_line(text: str) -> str:

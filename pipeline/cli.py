@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pipeline.settings import SettingsError
 
 COMMANDS = (
+    "bench",
     "benchmark",
     "convert",
     "demo",

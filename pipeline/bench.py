@@ -1,0 +1,275 @@
+"""Speed, memory and agreement of the separation engine against the release's inference path.
+
+One run of :func:`run_bench` measures, on the same stereo audio and the same weights:
+
+- the *reference*: the release's path, :meth:`model.MultiTasNet.inference` with
+  ``n_chunks = ceil(seconds / 30)`` (8 s of context around each chunk), the left then the right
+  channel, on the stage signals the engine prepares (their preparation is not timed);
+- the *engine*: :meth:`pipeline.separator.Separator.separate_file` from an audio file to four
+  encoded stem files, end to end (decoding, resampling, network, least-squares scaling,
+  resampling back, encoding; loading the model is not timed);
+- the *agreement*: SDR in dB of the engine's windowed last-stage output against the model's own
+  single-pass output over the whole track (``inference`` with one chunk), per stem; the minimum
+  over stems is reported. The reference's chunked output is scored the same way.
+
+Each timed path runs in a fresh process (``spawn``), so its peak resident memory is its own:
+Python, torch, the weights and the work, and nothing left over from the other path or from making
+the test audio. On CUDA the peak of ``torch.cuda.max_memory_allocated`` is reported as well.
+
+The audio (:func:`bench_audio`) is a deterministic music-like stereo signal made with numpy
+(drum hits, a bass line, chords, a vibrato lead with phrasing), so that runs on different machines
+separate the same samples without any data or system tools.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import platform
+import resource
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model import STEMS, CheckpointError, MultiTasNet, load_checkpoint, save_checkpoint
+from pipeline.audio import write_audio
+from pipeline.separator import DEFAULT_BATCH, DEFAULT_CONTEXT, DEFAULT_SEGMENT, Separator
+
+BENCH_RATE = 44100  # sample rate of the benchmark audio (stereo)
+RELEASE_CHUNK_SECONDS = 30  # the release's inference: one chunk per 30 s of audio
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What to measure: the engine's options, the audio's length and which paths to run."""
+
+    seconds: float = 60.0
+    device: str = "cpu"
+    precision: str = "float32"
+    segment: float = DEFAULT_SEGMENT
+    context: float = DEFAULT_CONTEXT
+    batch_size: int = DEFAULT_BATCH
+    engine_only: bool = False  # skip the reference and the agreement (memory scaling runs)
+    threads: int | None = None  # torch CPU threads of both timed processes (None: torch's)
+
+
+def bench_audio(seconds: float, rate: int = BENCH_RATE, seed: int = 0) -> np.ndarray:
+    """Deterministic music-like stereo (2, samples) float32 at 120 bpm: kick, snare and hi-hat,
+    a bass line on a four-chord loop, sustained chords, and a vibrato lead that sings three bars
+    in four. Each part has its own stereo position; the peak is about -3 dBFS."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(round(seconds * rate)) / rate
+    beat = 0.5
+    in_beat, beats = t % beat, (t // beat).astype(np.int64)
+    bar = beats // 4
+    roots = np.array([110.0, 87.31, 130.81, 98.0])[bar % 4]  # A, F, C, G
+    kick = np.sin(2 * np.pi * (50 * in_beat + 4.7 * (1 - np.exp(-15 * in_beat))))
+    kick *= np.exp(-in_beat * 18)
+    noise = rng.standard_normal(t.size)
+    snare = noise * np.exp(-in_beat * 25) * (beats % 2 == 1)
+    in_eighth = t % (beat / 2)
+    hat = np.diff(noise, prepend=0.0) * np.exp(-in_eighth * 90)
+    bass_note = roots * np.where(beats % 4 == 3, 1.5, 1.0)  # root, fifth on the fourth beat
+    bass = sum(np.sin(2 * np.pi * k * bass_note * in_beat) / k for k in (1, 2, 3))
+    bass *= 1 - np.exp(-in_beat * 60)
+    chord = sum(np.sin(2 * np.pi * roots * 2 * ratio * t) for ratio in (1.0, 1.26, 1.5))
+    scale = np.array([1.0, 1.125, 1.25, 1.5, 1.667, 2.0])
+    melody = roots * 4 * scale[rng.integers(0, len(scale), beats.max() + 1)][beats]
+    vibrato = 1 + 0.01 * np.sin(2 * np.pi * 5.5 * t)
+    phase = 2 * np.pi * np.cumsum(melody * vibrato) / rate
+    lead = sum(np.sin(k * phase) * 0.6**k for k in range(1, 6)) * (bar % 4 != 3)
+    lead *= np.minimum(1, in_beat * 40)
+    parts = [(kick, 0.5, 0.0), (snare, 0.15, -0.2), (hat, 0.05, 0.5), (bass, 0.25, 0.0)]
+    parts += [(chord, 0.08, -0.6), (lead, 0.2, 0.3)]
+    left = sum(gain * np.sqrt((1 - pan) / 2) * part for part, gain, pan in parts)
+    right = sum(gain * np.sqrt((1 + pan) / 2) * part for part, gain, pan in parts)
+    audio = np.stack([left, right])
+    return (audio * (0.7 / np.abs(audio).max())).astype(np.float32)
+
+
+def bench_model(config: str, seed: int = 0) -> tuple[MultiTasNet, str]:
+    """The model a ``--config`` names, and a description of its weights.
+
+    ``default`` is the shipped model (its trained weights) when installed; ``paper`` and a run
+    configuration JSON (as ``metasep train --config`` reads) get random weights from ``seed``;
+    a checkpoint file (``.safetensors``, release ``.pt``) is loaded.
+    """
+    from pipeline.training.config import PRESETS, load_run_config
+
+    path = Path(config)
+    if config == "default" or (config not in PRESETS and path.suffix in {".safetensors", ".pt"}):
+        try:
+            return load_checkpoint(config), f"checkpoint {config}"
+        except CheckpointError:
+            if config != "default":
+                raise
+    run_config = load_run_config(config)
+    torch.manual_seed(seed)
+    return MultiTasNet(run_config.model).eval(), f"random weights (seed {seed}) of {config}"
+
+
+def run_bench(model: MultiTasNet, options: BenchOptions) -> dict[str, Any]:
+    """Measure the reference and the engine on ``options.seconds`` of :func:`bench_audio`;
+    returns the figures (see the module docstring) as a flat dict."""
+    audio = bench_audio(options.seconds)
+    results: dict[str, Any] = {
+        "seconds": options.seconds,
+        "device": options.device,
+        "precision": options.precision,
+        "segment": options.segment,
+        "context": options.context,
+        "batch_size": options.batch_size,
+        "threads": options.threads or torch.get_num_threads(),
+        "cpu": _cpu_name(),
+        "torch": torch.__version__,
+    }
+    with tempfile.TemporaryDirectory(prefix="metasep-bench-") as folder:
+        work = Path(folder)
+        checkpoint = save_checkpoint(model, work / "model")
+        source = work / "bench.wav"
+        write_audio(source, audio, BENCH_RATE, format="wav")
+        engine = _in_fresh_process(_engine_job, checkpoint, source, work / "stems", options)
+        results.update(engine)
+        results["engine_xrt"] = options.seconds / engine["engine_seconds"]
+        if options.engine_only:
+            return results
+        separator = _separator(checkpoint, options)
+        for stage, mix in enumerate(separator.stage_mixes(audio, BENCH_RATE)):
+            np.save(work / f"stage{stage}.npy", mix)
+        reference = _in_fresh_process(_reference_job, checkpoint, work, options)
+        results.update({k: v for k, v in reference.items() if not k.startswith("_")})
+        results["reference_xrt"] = options.seconds / reference["reference_seconds"]
+        results["ratio"] = results["engine_xrt"] / results["reference_xrt"]
+        single = np.load(work / "single.npy")
+        windowed = separator.last_stage(audio, BENCH_RATE)
+        agreement = stem_agreement(single, windowed)
+        results["agreement_db"] = min(agreement.values())
+        results.update({f"agreement_{stem}_db": value for stem, value in agreement.items()})
+        results["reference_agreement_db"] = min(
+            stem_agreement(single, np.load(work / "chunked.npy")).values()
+        )
+    return results
+
+
+def stem_agreement(reference: np.ndarray, estimate: np.ndarray) -> dict[str, float]:
+    """SDR in dB of ``estimate`` against ``reference``, both (channels, 4, samples), per stem
+    over all channels: 10 log10(|reference|² / |reference - estimate|²), capped at 200 dB."""
+    if reference.shape != estimate.shape:
+        raise ValueError(f"shapes differ: {reference.shape} and {estimate.shape}")
+    reference, estimate = reference.astype(np.float64), estimate.astype(np.float64)
+    signal = (reference**2).sum(axis=(0, 2))
+    error = ((reference - estimate) ** 2).sum(axis=(0, 2))
+    ratio = signal / np.maximum(error, signal * 1e-20 + 1e-300)
+    return {stem: float(10 * np.log10(r)) for stem, r in zip(STEMS, ratio, strict=True)}
+
+
+def _separator(checkpoint: Path, options: BenchOptions) -> Separator:
+    return Separator(
+        checkpoint,
+        device=options.device,
+        precision=options.precision,
+        segment=options.segment,
+        context=options.context,
+        batch_size=options.batch_size,
+    )
+
+
+def _engine_job(
+    checkpoint: Path, source: Path, destination: Path, options: BenchOptions
+) -> dict[str, Any]:
+    """In a fresh process: separate ``source`` into files; time, memory."""
+    _set_threads(options)
+    separator = _separator(checkpoint, options)
+    loaded = _peak_rss_mb()
+    _reset_device_peak(separator.device)
+    started = time.perf_counter()
+    separator.separate_file(source, destination)
+    seconds = time.perf_counter() - started
+    return {
+        "engine_seconds": seconds,
+        "peak_rss_mb": _peak_rss_mb(),
+        "model_rss_mb": loaded,
+        **_device_peak(separator.device, "engine"),
+    }
+
+
+def _reference_job(checkpoint: Path, work: Path, options: BenchOptions) -> dict[str, Any]:
+    """In a fresh process: the release's chunked inference of each channel in turn (timed), then
+    the single-pass output (not timed); both last stages are saved for the agreement."""
+    _set_threads(options)
+    device = torch.device(options.device)
+    model = load_checkpoint(checkpoint).to(device)
+    mixes = [np.load(path) for path in sorted(work.glob("stage*.npy"))]
+    channels = mixes[0].shape[0]
+    n_chunks = max(1, math.ceil(options.seconds / RELEASE_CHUNK_SECONDS))
+
+    def channel_inputs(channel: int) -> list[torch.Tensor]:
+        return [torch.from_numpy(mix[channel][None, None]).to(device) for mix in mixes]
+
+    _reset_device_peak(device)
+    started = time.perf_counter()
+    chunked = [model.inference(channel_inputs(c), n_chunks)[-1].cpu() for c in range(channels)]
+    _synchronize(device)
+    seconds = time.perf_counter() - started
+    figures = {
+        "reference_seconds": seconds,
+        "reference_chunks": n_chunks,
+        "reference_peak_rss_mb": _peak_rss_mb(),
+        **_device_peak(device, "reference"),
+    }
+    np.save(work / "chunked.npy", torch.cat(chunked)[:, :, 0].numpy())
+    single = [model.inference(channel_inputs(c), 1)[-1].cpu() for c in range(channels)]
+    np.save(work / "single.npy", torch.cat(single)[:, :, 0].numpy())
+    return figures
+
+
+def _set_threads(options: BenchOptions) -> None:
+    if options.threads:
+        torch.set_num_threads(options.threads)
+
+
+def _in_fresh_process(function: Any, *args: Any) -> dict[str, Any]:
+    """``function(*args)`` in a new interpreter (spawn: nothing inherited but the arguments)."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(function, *args).result()
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident set size in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**20 if platform.system() == "Darwin" else 2**10)
+
+
+def _reset_device_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_peak(device: torch.device, prefix: str) -> dict[str, float]:
+    if device.type != "cuda":
+        return {}
+    return {f"{prefix}_cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or f"{os.cpu_count()} CPUs"

@@ -1,0 +1,109 @@
+"""``metasep bench``: speed, memory and agreement of the engine against the release's inference."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from pipeline.cli import UsageError
+from pipeline.separator import DEFAULT_BATCH, DEFAULT_CONTEXT, DEFAULT_SEGMENT, PRECISIONS
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="real-time factor, peak memory and agreement of the engine vs the release's path",
+        description="On the same deterministic music-like stereo audio and the same weights, "
+        "time the release's inference (n_chunks = ceil(S/30), one channel after the other) and "
+        "the engine (file in, four stem files out), each in a fresh process, and score the "
+        "engine's windowed output against the model's single-pass output (SDR in dB, minimum "
+        "over stems).",
+    )
+    parser.add_argument(
+        "--config",
+        default="paper",
+        help="paper (random weights), default (the shipped model), a run config JSON (random "
+        "weights) or a checkpoint file (default: paper)",
+    )
+    parser.add_argument("--seconds", type=float, default=60.0, help="audio length (60)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="float32")
+    parser.add_argument("--segment", type=float, default=DEFAULT_SEGMENT, help="seconds")
+    parser.add_argument("--context", type=float, default=DEFAULT_CONTEXT, help="seconds")
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
+    parser.add_argument(
+        "--engine-only",
+        action="store_true",
+        help="time the engine and its peak memory only (e.g. to compare track lengths)",
+    )
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads of both timed processes (default: torch's)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of random weights")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from pipeline.bench import BenchOptions, bench_model, run_bench
+    from pipeline.separator import Separator
+
+    if not (math.isfinite(args.seconds) and args.seconds > 0):
+        raise UsageError("--seconds must be a positive number")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError("--threads must be at least 1")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model, weights = bench_model(args.config, args.seed)
+        options = BenchOptions(
+            seconds=args.seconds,
+            device=device,
+            precision=args.precision,
+            segment=args.segment,
+            context=args.context,
+            batch_size=args.batch_size,
+            engine_only=args.engine_only,
+            threads=args.threads,
+        )
+        # Refuse options the engine cannot run before any process is started.
+        Separator(model, device, args.precision, args.segment, args.context, args.batch_size)
+    except ValueError as error:
+        raise UsageError(str(error).splitlines()[0]) from None
+    results = {"config": args.config, "weights": weights, **run_bench(model, options)}
+    if args.json:
+        print(json.dumps(results, sort_keys=True))
+    else:
+        print(report(results))
+    return 0
+
+
+def report(results: dict) -> str:
+    """The figures as a few lines of text."""
+    lines = [
+        f"{results['seconds']:g} s of stereo 44.1 kHz, {results['config']} model "
+        f"({results['weights']}), {results['device']} ({results['cpu']}, "
+        f"{results['threads']} threads), {results['precision']}; engine windows "
+        f"{results['segment']:g} s + {results['context']:g} s context, batch "
+        f"{results['batch_size']}",
+        f"engine:    {results['engine_xrt']:7.2f}x real time "
+        f"({results['engine_seconds']:.1f} s, file to stem files), peak RSS "
+        f"{results['peak_rss_mb']:.0f} MB (after loading the model: "
+        f"{results['model_rss_mb']:.0f} MB)",
+    ]
+    if "engine_cuda_peak_mb" in results:
+        lines.append(f"           peak CUDA memory {results['engine_cuda_peak_mb']:.0f} MB")
+    if "reference_xrt" in results:
+        lines += [
+            f"reference: {results['reference_xrt']:7.2f}x real time "
+            f"({results['reference_seconds']:.1f} s, inference with "
+            f"{results['reference_chunks']} chunk(s) per channel), peak RSS "
+            f"{results['reference_peak_rss_mb']:.0f} MB",
+            f"ratio:     {results['ratio']:7.2f}x faster than the reference",
+            f"agreement with the single-pass output: {results['agreement_db']:.1f} dB "
+            f"(min over stems; the reference's chunking: "
+            f"{results['reference_agreement_db']:.1f} dB)",
+        ]
+    return "\n".join(lines)

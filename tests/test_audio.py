@@ -1,0 +1,117 @@
+"""Audio decoding (libsndfile, ffmpeg fallback), one-line errors, atomic writes, streaming."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from pipeline.audio import (
+    AudioError,
+    AudioWriter,
+    StreamResampler,
+    open_audio,
+    read_audio,
+    resample,
+)
+
+RATE = 22050
+TONES = (440.0, 660.0)  # left, right
+
+
+def tones(seconds: float = 1.0) -> np.ndarray:
+    t = np.arange(int(RATE * seconds)) / RATE
+    return np.stack([0.4 * np.sin(2 * np.pi * f * t) for f in TONES]).astype(np.float32)
+
+
+def dominant_frequency(channel: np.ndarray, rate: int) -> float:
+    spectrum = np.abs(np.fft.rfft(channel * np.hanning(channel.size)))
+    return float(np.argmax(spectrum) * rate / channel.size)
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory) -> dict[str, object]:
+    """The same stereo tones as WAV, FLAC, OGG and MP3 (libsndfile) and M4A/AAC (ffmpeg)."""
+    folder = tmp_path_factory.mktemp("encoded")
+    audio = tones()
+    files = {}
+    for suffix, subtype in (("wav", "FLOAT"), ("flac", "PCM_24"), ("ogg", "VORBIS"), ("mp3", None)):
+        files[suffix] = folder / f"tones.{suffix}"
+        sf.write(files[suffix], audio.T, RATE, subtype=subtype)
+    files["m4a"] = folder / "tones.m4a"
+    command = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(files["wav"]), "-c:a", "aac"]
+    subprocess.run([*command, str(files["m4a"])], check=True)
+    return files
+
+
+@pytest.mark.parametrize("suffix", ["wav", "flac", "ogg", "mp3", "m4a"])
+def test_every_format_decodes_to_the_same_stereo_tones(encoded, suffix):
+    audio, rate = read_audio(encoded[suffix])
+    assert audio.dtype == np.float32 and rate == RATE and audio.shape[0] == 2
+    # Lossy codecs pad by up to a frame or two.
+    assert RATE <= audio.shape[1] <= RATE + 4096
+    for channel, frequency in zip(audio, TONES, strict=True):
+        assert abs(dominant_frequency(channel, rate) - frequency) < 3
+    if suffix in ("wav", "flac"):
+        np.testing.assert_allclose(audio, tones(), atol=1e-6)
+
+
+def test_m4a_is_decoded_by_the_ffmpeg_fallback(encoded):
+    with pytest.raises(sf.LibsndfileError):
+        sf.info(encoded["m4a"])
+    with open_audio(encoded["m4a"]) as reader:
+        assert (reader.rate, reader.channels) == (RATE, 2)
+        assert sum(block.shape[1] for block in reader.blocks(1000)) == reader.frames
+
+
+def bad_inputs(folder) -> dict[str, object]:
+    """One of each kind of input that is not usable audio."""
+    (folder / "empty.wav").write_bytes(b"")
+    sf.write(folder / "zero.wav", np.zeros((0, 2), np.float32), RATE)
+    (folder / "notes.mp3").write_text("these are not the samples you are looking for\n" * 20)
+    (folder / "noise.flac").write_bytes(np.random.default_rng(0).bytes(4096))
+    (folder / "folder.wav").mkdir()
+    return {
+        "empty file": folder / "empty.wav",
+        "zero-length": folder / "zero.wav",
+        "not a readable audio file": folder / "notes.mp3",
+        "not a readable audio file ": folder / "noise.flac",
+        "is a directory": folder / "folder.wav",
+        "no such file": folder / "missing.wav",
+    }
+
+
+def test_bad_inputs_give_one_line_errors_that_name_the_file(tmp_path):
+    for reason, path in bad_inputs(tmp_path).items():
+        with pytest.raises(AudioError) as caught:
+            read_audio(path)
+        message = str(caught.value)
+        assert str(path) in message and reason.strip() in message, message
+        assert "\n" not in message and "Traceback" not in message
+
+
+def test_interrupted_write_leaves_no_file(tmp_path):
+    target = tmp_path / "out.flac"
+    with pytest.raises(RuntimeError), AudioWriter(target, RATE, 2) as writer:
+        writer.write(tones())
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    with AudioWriter(target, RATE, 2) as writer:
+        writer.write(tones())
+    assert [p.name for p in tmp_path.iterdir()] == ["out.flac"]
+
+
+@pytest.mark.parametrize(("source", "target"), [(44100, 32000), (22050, 16000), (8000, 48000)])
+def test_streamed_resampling_equals_resampling_at_once(source, target):
+    signal = np.random.default_rng(1).standard_normal((3, source)).astype(np.float32)
+    stream = StreamResampler(source, target, channels=3)
+    edges = [0, 1, 1000, 1001, 7000, source]
+    parts = [stream.push(signal[:, a:b]) for a, b in itertools.pairwise(edges)]
+    parts.append(stream.push(signal[:, :0], last=True))
+    streamed = np.concatenate(parts, axis=1)
+    whole = resample(signal, source, target)
+    assert streamed.shape == whole.shape == (3, target)
+    np.testing.assert_allclose(streamed, whole, atol=1e-5)

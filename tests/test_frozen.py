@@ -1,0 +1,85 @@
+"""The frozen inference network computes what the model computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import MultiTasNet, TasNetConfig
+from model.frozen import FrozenTasNet, frames_multiple
+
+SMALL = dict(N=32, B=16, H=16, layers=2, stack=1, num_mels=16)
+
+
+def mixes(config: TasNetConfig, batch: int, frames: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    top = torch.randn(batch, 1, frames * config.W * 2 ** (config.stages - 1), generator=generator)
+    return [top[..., :: 2 ** (config.stages - 1 - i)].contiguous() for i in range(config.stages)]
+
+
+def randomised(config: TasNetConfig) -> MultiTasNet:
+    """A model whose every parameter is random (PReLU slopes and GroupNorm affines included,
+    which initialise to constants that would hide a wrong fold)."""
+    torch.manual_seed(7)
+    model = MultiTasNet(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "spectrogram" not in name:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return model
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"independent_params": True},
+        {"kernel": 5, "residual_bias": True, "stages": 2},
+        {"E_1": None, "layers": 3},
+    ],
+    ids=["generated", "independent", "kernel5-bias-2stages", "no-embedding"],
+)
+def test_frozen_network_equals_the_model(changes):
+    config = TasNetConfig(**{**SMALL, **changes})
+    model = randomised(config)
+    inputs = mixes(config, batch=2, frames=300)
+    with torch.inference_mode():
+        expected = model.separate(inputs)
+    frozen = FrozenTasNet(model)
+    got = frozen.separate(inputs)
+    for ours, theirs in zip(got, expected, strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-5 * theirs.abs().max().item())
+    torch.testing.assert_close(frozen.separate_last(inputs), got[-1], rtol=0, atol=1e-6)
+
+
+def test_short_input_takes_the_convolution_path_and_still_agrees():
+    """Inputs shorter than a dilated kernel's reach use conv1d instead of shifted products."""
+    config = TasNetConfig(**{**SMALL, "layers": 6})
+    model = randomised(config)
+    inputs = mixes(config, batch=1, frames=30)  # dilation 32 reaches past 30 frames
+    with torch.inference_mode():
+        expected = model.separate(inputs)[-1]
+    got = FrozenTasNet(model).separate_last(inputs)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5 * expected.abs().max().item())
+
+
+def test_bfloat16_network_stays_close_to_float32():
+    """Matrix products in bfloat16, statistics and the mel branch in float32: the last stage
+    stays within 30 dB of the float32 output (a bfloat16 mel input alone costs ~40 dB)."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        pytest.skip("no bfloat16 matrix products on this CPU")
+    config = TasNetConfig(**SMALL)
+    model = randomised(config)
+    inputs = mixes(config, batch=2, frames=400)
+    exact = FrozenTasNet(model).separate_last(inputs).double()
+    low = FrozenTasNet(model, torch.bfloat16).separate_last(inputs).double()
+    sdr = 10 * torch.log10(exact.square().sum() / (exact - low).square().sum())
+    assert sdr > 30
+
+
+def test_window_alignment_covers_encoder_stride_and_mel_hop():
+    model = MultiTasNet(TasNetConfig(**SMALL))
+    multiple = frames_multiple(model)
+    assert multiple % model.config.W == 0
+    for index, stage in enumerate(model.stages):
+        assert (multiple * 2**index) % stage.encoder.spectrogram.hop == 0

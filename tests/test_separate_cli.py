@@ -1,0 +1,121 @@
+"""``metasep separate FILE... -o OUT`` and ``metasep bench`` on a small random model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from model import STEMS, MultiTasNet, TasNetConfig, save_checkpoint
+from pipeline.audio import read_audio, write_audio
+from pipeline.bench import bench_audio
+from pipeline.cli import main
+
+SMALL = TasNetConfig(N=32, B=16, H=16, layers=4, stack=1, num_mels=16)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "small"
+    return str(save_checkpoint(MultiTasNet(SMALL), path))
+
+
+@pytest.fixture(scope="module")
+def songs(tmp_path_factory) -> dict[str, object]:
+    """A stereo 44.1 kHz WAV and a mono 22.05 kHz FLAC."""
+    folder = tmp_path_factory.mktemp("songs")
+    stereo, mono = folder / "song one.wav", folder / "two.flac"
+    write_audio(stereo, bench_audio(2.0), 44100, format="wav")
+    write_audio(mono, bench_audio(1.5, 22050, seed=1)[:1], 22050)
+    return {"stereo": stereo, "mono": mono}
+
+
+def separate(*args: object) -> int:
+    return main(["separate", *map(str, args)])
+
+
+def test_layout_is_out_track_stem_with_each_input_shape(checkpoint, songs, tmp_path):
+    out = tmp_path / "out"
+    assert separate(songs["stereo"], songs["mono"], "-o", out, "--checkpoint", checkpoint) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["song one", "two"]
+    for track, source in (("song one", songs["stereo"]), ("two", songs["mono"])):
+        info = sf.info(source)
+        assert sorted(p.name for p in (out / track).iterdir()) == sorted(f"{s}.flac" for s in STEMS)
+        for stem in STEMS:
+            written = sf.info(out / track / f"{stem}.flac")
+            assert (written.samplerate, written.channels, written.frames) == (
+                info.samplerate,
+                info.channels,
+                info.frames,
+            )
+
+
+def test_two_stems_karaoke_and_remix_are_mixes_of_the_four_stems(checkpoint, songs, tmp_path):
+    options = ["--checkpoint", checkpoint, "--format", "wav"]
+    assert separate(songs["stereo"], "-o", tmp_path / "four", *options) == 0
+    extra = ["--two-stems", "vocals", "--karaoke", "--remix", "vocals=1.5,drums=0.25,bass=0"]
+    assert separate(songs["stereo"], "-o", tmp_path / "mixes", *options, *extra) == 0
+    four = outputs(tmp_path / "four" / "song one")
+    mixes = outputs(tmp_path / "mixes" / "song one")
+    assert sorted(four) == sorted(STEMS)
+    assert sorted(mixes) == ["karaoke", "no_vocals", "remix", "vocals"]
+    backing = four["drums"] + four["bass"] + four["other"]
+    np.testing.assert_allclose(mixes["vocals"], four["vocals"], atol=1e-6)
+    np.testing.assert_allclose(mixes["no_vocals"], backing, atol=1e-5)
+    np.testing.assert_allclose(mixes["karaoke"], backing, atol=1e-5)
+    remix = 1.5 * four["vocals"] + 0.25 * four["drums"] + four["other"]
+    np.testing.assert_allclose(mixes["remix"], remix, atol=1e-5)
+
+
+def test_bad_files_get_one_error_line_each_and_the_rest_is_separated(
+    checkpoint, songs, tmp_path, capsys
+):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "empty.wav").write_bytes(b"")
+    sf.write(bad / "zero.wav", np.zeros((0, 2), np.float32), 44100)
+    (bad / "text.mp3").write_text("not audio\n" * 50)
+    (bad / "folder.flac").mkdir()
+    inputs = [bad / "empty.wav", songs["mono"], bad / "zero.wav", bad / "text.mp3"]
+    inputs += [bad / "folder.flac", bad / "missing.ogg"]
+    out = tmp_path / "out"
+    assert separate(*inputs, "-o", out, "--checkpoint", checkpoint) == 1
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if "error:" in line]
+    assert len(errors) == 5 and "Traceback" not in captured.err
+    for path in inputs:
+        if path != songs["mono"]:
+            assert sum(str(path) in line for line in errors) == 1, path
+    assert "separated 1 of 6 file(s)" in captured.out
+    assert sorted(p.name for p in out.iterdir()) == ["two"]
+
+
+def test_conflicting_options_are_a_usage_error(checkpoint, songs, tmp_path, capsys):
+    args = [songs["mono"], "-o", tmp_path, "--checkpoint", checkpoint]
+    assert separate(*args, "--two-stems", "vocals", "--stems", "drums") == 2
+    assert "cannot be combined" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_bench_reports_speed_memory_and_agreement(checkpoint, capsys):
+    command = ["bench", "--config", checkpoint, "--seconds", "3", "--segment", "1"]
+    assert main([*command, "--context", "0.5", "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    for key in ("reference_xrt", "engine_xrt", "ratio", "peak_rss_mb", "agreement_db"):
+        assert np.isfinite(figures[key]) and figures[key] > 0, key
+    assert figures["ratio"] == pytest.approx(figures["engine_xrt"] / figures["reference_xrt"])
+    assert figures["reference_chunks"] == 1 and figures["device"] == "cpu"
+    # 1 s windows of a small random model: far from the single pass, but related to it.
+    assert 5 < figures["agreement_db"] < 100
+    assert figures["agreement_db"] == min(figures[f"agreement_{s}_db"] for s in STEMS)
+    assert main([*command, "--engine-only"]) == 0
+    printed = capsys.readouterr().out
+    assert "engine:" in printed and "peak RSS" in printed and "reference:" not in printed
+
+
+def outputs(folder) -> dict[str, np.ndarray]:
+    return {path.stem: read_audio(path)[0] for path in folder.iterdir()}

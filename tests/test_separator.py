@@ -1,0 +1,119 @@
+"""The separation engine on a small random model: shapes, scaling, windows, silence, files."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from model import STEMS, MultiTasNet, TasNetConfig
+from pipeline.audio import AudioError, read_audio, write_audio
+from pipeline.bench import bench_audio, stem_agreement
+from pipeline.separator import Separator, plan_windows
+
+SMALL = TasNetConfig(N=32, B=16, H=16, layers=4, stack=1, num_mels=16)
+
+
+@pytest.fixture(scope="module")
+def model() -> MultiTasNet:
+    torch.manual_seed(0)
+    return MultiTasNet(SMALL).eval()
+
+
+@pytest.fixture(scope="module")
+def separator(model) -> Separator:
+    return Separator(model, device="cpu", segment=1.0, context=0.25, batch_size=3)
+
+
+@pytest.mark.parametrize(
+    ("rate", "channels", "frames"),
+    [(44100, 2, 44100 * 3 + 17), (8000, 1, 8000 * 2 + 3), (48000, 3, 48000 * 2), (32000, 2, 999)],
+)
+def test_stems_keep_length_rate_and_channels_and_least_squares_fit_the_mix(
+    separator, rate, channels, frames
+):
+    audio = bench_audio(frames / rate, rate)[:, :frames]
+    audio = np.concatenate([audio, audio[:1] * 0.5])[:channels]
+    stems = separator.separate(audio, rate)
+    assert list(stems) == list(STEMS)
+    assert all(s.shape == audio.shape and s.dtype == np.float32 for s in stems.values())
+    # The least-squares scaling leaves a residual orthogonal to every stem, per channel.
+    stacked = np.stack(list(stems.values())).astype(np.float64)  # (4, channels, frames)
+    residual = audio - stacked.sum(0)
+    for channel in range(channels):
+        products = stacked[:, channel] @ residual[channel]
+        norms = np.linalg.norm(stacked[:, channel], axis=1) * np.linalg.norm(residual[channel])
+        assert np.all(np.abs(products) <= 1e-3 * norms + 1e-9)
+        assert np.sum(residual[channel] ** 2) < np.sum(audio[channel] ** 2)
+
+
+def test_windows_agree_with_the_single_pass_within_30_db(model):
+    """Last-stage output of 10 s windows (6 s segments) vs the whole 12 s track at once. The
+    mask network's GroupNorms take statistics over a whole window, so windows must be long."""
+    audio = bench_audio(12.0)
+    separator = Separator(model, "cpu", segment=6.0, context=2.0)
+    mixes = separator.stage_mixes(audio, 44100)
+    with torch.inference_mode():
+        single = model.separate([torch.from_numpy(m[:, None]) for m in mixes])[-1]
+    windowed = separator.last_stage(audio, 44100)
+    assert len(separator.windows(mixes[0].shape[1])) == 2
+    agreement = stem_agreement(single[:, :, 0].numpy(), windowed)
+    assert min(agreement.values()) > 30, agreement
+
+
+def test_batching_does_not_change_the_output(model, separator):
+    audio = bench_audio(3.0)
+    one_at_a_time = Separator(model, "cpu", segment=1.0, context=0.25, batch_size=1)
+    np.testing.assert_allclose(
+        one_at_a_time.last_stage(audio, 44100), separator.last_stage(audio, 44100), atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("level", [0.0, 0.25, -1.0])
+def test_silent_and_dc_input_give_silent_finite_stems(separator, level):
+    audio = np.full((2, 44100), level, dtype=np.float32)
+    stems = separator.separate(audio, 44100)
+    for stem in stems.values():
+        assert np.isfinite(stem).all()
+        assert np.abs(stem).max() < 1e-4
+
+
+def test_unusable_arrays_are_refused_with_a_reason(separator):
+    with pytest.raises(AudioError, match="zero-length"):
+        separator.separate(np.zeros((2, 0), np.float32), 44100)
+    with pytest.raises(AudioError, match="NaN"):
+        separator.separate(np.full((1, 100), np.nan, np.float32), 44100)
+    with pytest.raises(AudioError, match="channels, samples"):
+        separator.separate(np.zeros(100, np.float32), 44100)
+
+
+def test_file_separation_streams_to_the_same_stems(separator, tmp_path):
+    audio = bench_audio(2.5, 22050)
+    write_audio(tmp_path / "song.wav", audio, 22050, format="wav")
+    paths = separator.separate_file(tmp_path / "song.wav", tmp_path / "out", format="wav")
+    expected = separator.separate(audio, 22050)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        f"{stem}.wav" for stem in STEMS
+    )
+    for stem, path in paths.items():
+        written, rate = read_audio(path)
+        assert rate == 22050
+        np.testing.assert_allclose(written, expected[stem], atol=1e-5)
+
+
+@pytest.mark.parametrize("length", [1, 400, 401, 10_000, 123_457])
+def test_window_plan_tiles_the_track_with_equal_aligned_windows(length):
+    segment, context, align = 2000, 500, 20
+    length = -(-length // align) * align
+    plan = plan_windows(length, segment, context, align)
+    assert plan[0].start == 0 and plan[-1].stop == length
+    assert all(a.stop == b.start for a, b in itertools.pairwise(plan))
+    assert len({w.end - w.begin for w in plan}) == 1
+    for window in plan:
+        assert 0 <= window.begin <= window.start < window.stop <= window.end <= length
+        # Context on both sides, as much as the track allows (edge windows slide inwards).
+        assert window.start - window.begin >= min(context, window.start)
+        assert window.end - window.stop >= min(context, length - window.stop)
+        assert all(v % align == 0 for v in window)
