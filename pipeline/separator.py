@@ -64,6 +64,7 @@ _FLOAT32 = np.dtype(np.float32).itemsize
 
 # Output of separate_file: name -> weights of (drums, bass, other, vocals).
 Mixes = Mapping[str, Sequence[float]]
+WindowCallback = Callable[[int, int], None]  # (finished, total) (window, channel) items
 FOUR_STEMS: dict[str, tuple[float, ...]] = {
     name: tuple(float(i == k) for i in range(len(STEMS))) for k, name in enumerate(STEMS)
 }
@@ -160,9 +161,17 @@ class Separator:
     # Public entry points
 
     def separate(
-        self, audio: np.ndarray, sample_rate: int, progress: bool = False
+        self,
+        audio: np.ndarray,
+        sample_rate: int,
+        progress: bool = False,
+        callback: WindowCallback | None = None,
     ) -> dict[str, np.ndarray]:
-        """Stems of float32 (channels, samples) audio: {stem: (channels, samples)} at its rate."""
+        """Stems of float32 (channels, samples) audio: {stem: (channels, samples)} at its rate.
+
+        ``progress`` shows a bar; ``callback(done, total)`` is told the count of finished
+        (window, channel) items before the first forward pass and after each one. An exception
+        raised by the callback stops the separation (how a server cancels a job)."""
         audio = _checked(audio, sample_rate)
         channels, frames = audio.shape
         stems = [np.zeros((channels, frames), dtype=np.float32) for _ in STEMS]
@@ -171,7 +180,8 @@ class Separator:
             for stem, part in zip(stems, block.transpose(1, 0, 2), strict=True):
                 stem[:, offset : offset + part.shape[-1]] = part
 
-        coefficients = self._separate(_ArraySource(audio, sample_rate), store, progress)
+        source = _ArraySource(audio, sample_rate)
+        coefficients = self._separate(source, store, progress, callback)
         for k, stem in enumerate(stems):
             stem *= coefficients[:, k : k + 1].astype(np.float32)
         return dict(zip(STEMS, stems, strict=True))
@@ -183,12 +193,14 @@ class Separator:
         outputs: Mixes | None = None,
         format: str = "flac",
         progress: bool = False,
+        callback: WindowCallback | None = None,
     ) -> dict[str, Path]:
         """Separate an audio file into ``destination/<name>.<format>`` files; returns their paths.
 
         ``outputs`` maps each file name to the weights of (drums, bass, other, vocals) it mixes,
         by default the four stems. The unscaled stems go to an anonymous temporary file in
         ``destination``; each output is written under a temporary name and renamed when done.
+        ``progress`` and ``callback`` are as in :meth:`separate`.
         """
         if format not in FORMATS:
             raise ValueError(f"unknown audio format {format!r} (use {' or '.join(FORMATS)})")
@@ -198,7 +210,9 @@ class Separator:
             raise ValueError(f"each output needs {len(STEMS)} weights, one per stem")
         destination = Path(destination)
         with open_audio(path) as reader, _folder(destination) as folder:
-            paths = self._separate_reader(reader, folder, outputs, weights, format, progress)
+            paths = self._separate_reader(
+                reader, folder, outputs, weights, format, progress, callback
+            )
         return paths
 
     def _separate_reader(
@@ -209,6 +223,7 @@ class Separator:
         weights: np.ndarray,
         format: str,
         progress: bool,
+        callback: WindowCallback | None,
     ) -> dict[str, Path]:
         """:meth:`separate_file` on an open reader, into an existing folder."""
         with tempfile.TemporaryFile(dir=destination) as spool:
@@ -217,7 +232,7 @@ class Separator:
             def store(offset: int, block: np.ndarray) -> None:
                 spool.write(np.ascontiguousarray(block.transpose(2, 0, 1)).tobytes())
 
-            coefficients = self._separate(reader, store, progress)
+            coefficients = self._separate(reader, store, progress, callback)
             spool.seek(0)
             mixing = coefficients[:, :, None] * weights[None]  # (channels, 4, outputs)
             paths = {name: destination / f"{name}.{format}" for name in outputs}
@@ -263,6 +278,7 @@ class Separator:
         source: _Source,
         store: Callable[[int, np.ndarray], None],
         progress: bool,
+        callback: WindowCallback | None = None,
     ) -> np.ndarray:
         """Stream the stems of ``source`` at its rate to ``store(offset, (channels, 4, n))``;
         return the least-squares coefficients (channels, 4) that make them sum to the mix."""
@@ -286,7 +302,7 @@ class Separator:
             store(written, block)
             written += block.shape[-1]
 
-        for top in self._windowed(source, statistics, progress, feed_mix):
+        for top in self._windowed(source, statistics, progress, feed_mix, callback):
             emit(back.push(top.reshape(channels * len(STEMS), -1)))
         emit(back.push(np.zeros((channels * len(STEMS), 0), np.float32), last=True))
         if written < frames:  # the resampler came up a few samples short
@@ -334,6 +350,7 @@ class Separator:
         statistics: _Statistics,
         progress: bool,
         mixture: _MixtureBuffer | None = None,
+        callback: WindowCallback | None = None,
     ) -> Iterator[np.ndarray]:
         """Second pass: the last stage's output (channels, 4, n) segment by segment, in order."""
         channels = source.channels
@@ -346,6 +363,9 @@ class Separator:
         with tqdm(
             total=len(items), disable=not progress, unit="window", leave=False, desc=source.name
         ) as bar:
+            done = 0
+            if callback is not None:
+                callback(done, len(items))
             for batch in _chunks(items, self.batch_size):
                 windows = [plan[w] for w, _ in batch]
                 feed.ensure(max(window.end for window in windows))
@@ -361,6 +381,9 @@ class Separator:
                     )
                     pending.setdefault(w, [None] * channels)[c] = stems[:, segment]
                 bar.update(len(batch))
+                done += len(batch)
+                if callback is not None:
+                    callback(done, len(items))
                 while ready in pending and all(part is not None for part in pending[ready]):
                     yield np.stack(pending.pop(ready))
                     ready += 1

@@ -103,6 +103,31 @@ def test_file_separation_streams_to_the_same_stems(separator, tmp_path):
         np.testing.assert_allclose(written, expected[stem], atol=1e-5)
 
 
+def test_callback_counts_every_window_and_can_stop_a_file(separator, tmp_path):
+    audio = bench_audio(2.5, 22050)
+    write_audio(tmp_path / "song.wav", audio, 22050, format="wav")
+    calls: list[tuple[int, int]] = []
+    separator.separate(audio, 22050, callback=lambda done, total: calls.append((done, total)))
+    plan = separator.windows(len(separator.stage_mixes(audio, 22050)[0][0]))
+    total = len(plan) * audio.shape[0]
+    assert total > separator.batch_size  # several forward passes
+    assert calls[0] == (0, total) and calls[-1] == (total, total)
+    assert [done for done, _ in calls] == sorted({done for done, _ in calls})
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_pass(done: int, total: int) -> None:
+        if done:
+            raise Stop
+
+    with pytest.raises(Stop):
+        separator.separate_file(
+            tmp_path / "song.wav", tmp_path / "out", callback=stop_after_first_pass
+        )
+    assert not list((tmp_path / "out").glob("*.flac"))  # no stem that looks complete
+
+
 @pytest.mark.parametrize("length", [1, 400, 401, 10_000, 123_457])
 def test_window_plan_tiles_the_track_with_equal_aligned_windows(length):
     segment, context, align = 2000, 500, 20

@@ -6,30 +6,26 @@ lives in its own folder, named by a random server-made id (what a client calls i
 becomes a path). Finished jobs are kept up to a limit and then deleted, oldest first.
 
 Progress is the separator's own: the windows its network has run, out of the windows its plan
-has. :func:`counting_windows` reads them off the separator's window plan and forward passes while
-one job runs (the engine reports progress only to a terminal bar, so the worker observes the two
-calls instead of changing the engine).
+has, as its ``callback`` reports them; the same callback stops a cancelled job between two
+forward passes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import secrets
 import shutil
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from model import STEMS
 from pipeline.audio import AudioError, open_audio
-from pipeline.separator import Separator
+from pipeline.separator import Separator, WindowCallback
 
 log = logging.getLogger(__name__)
 
@@ -126,36 +122,16 @@ def public_message(error: BaseException, path: Path, name: str) -> str:
     return text.replace(f"({name}: ", "(")  # a decoder's reason need not repeat the name
 
 
-@contextlib.contextmanager
-def counting_windows(
-    separator: Separator, job: Job, channels: int, cancelled: Callable[[], bool]
-) -> Iterator[None]:
-    """While inside, count the separator's planned and finished windows into ``job``.
+def window_counter(job: Job, cancelled: Callable[[], bool]) -> WindowCallback:
+    """A separator callback that records finished and total windows in ``job`` and raises
+    :class:`JobCancelled` when ``cancelled()`` says so."""
 
-    The engine plans a track with :meth:`Separator.windows` and runs each batch of (window,
-    channel) items through ``_forward``; wrapping both on this one instance gives the exact count.
-    ``cancelled`` is asked before every batch: when it says so, the separation stops with
-    :class:`JobCancelled`.
-    """
-    plan, forward = separator.windows, separator._forward
-
-    def windows(length: int):
-        result = plan(length)
-        job.windows_total = len(result) * channels
-        return result
-
-    def counted_forward(inputs: list[np.ndarray]) -> np.ndarray:
+    def count(done: int, total: int) -> None:
         if cancelled():
             raise JobCancelled
-        stems = forward(inputs)
-        job.windows_done += int(inputs[0].shape[0])
-        return stems
+        job.windows_done, job.windows_total = done, total
 
-    separator.windows, separator._forward = windows, counted_forward
-    try:
-        yield
-    finally:
-        del separator.windows, separator._forward  # back to the class's methods
+    return count
 
 
 class JobManager:
@@ -320,10 +296,10 @@ class JobManager:
         """Separate one upload into its folder; the job's final state and error message."""
         started = time.perf_counter()
         try:
-            with counting_windows(
-                self.separator, job, job.info.channels, lambda: job.cancelled or self._stopping
-            ):
-                paths = self.separator.separate_file(job.upload, job.folder / STEMS_FOLDER)
+            count = window_counter(job, lambda: job.cancelled or self._stopping)
+            paths = self.separator.separate_file(
+                job.upload, job.folder / STEMS_FOLDER, callback=count
+            )
             job.stems = {stem: paths[stem] for stem in STEMS}
             job.seconds = time.perf_counter() - started
             log.info("job %s separated in %.1f s", job.id, job.seconds)
