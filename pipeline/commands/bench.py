@@ -7,7 +7,8 @@ import json
 import math
 
 from pipeline.cli import UsageError
-from pipeline.separator import DEFAULT_BATCH, DEFAULT_CONTEXT, DEFAULT_SEGMENT, PRECISIONS
+from pipeline.commands.separate import add_window_arguments
+from pipeline.separator import PRECISIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,9 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="audio length (60)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     parser.add_argument("--precision", choices=PRECISIONS, default="float32")
-    parser.add_argument("--segment", type=float, default=DEFAULT_SEGMENT, help="seconds")
-    parser.add_argument("--context", type=float, default=DEFAULT_CONTEXT, help="seconds")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
+    add_window_arguments(parser)
     parser.add_argument(
         "--engine-only",
         action="store_true",

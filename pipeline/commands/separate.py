@@ -77,11 +77,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"also write {REMIX}: the stems re-balanced, e.g. vocals=1.2,drums=0.3 "
         "(unnamed stems keep gain 1)",
     )
-    parser.add_argument("--segment", type=float, default=DEFAULT_SEGMENT, help="seconds")
-    parser.add_argument("--context", type=float, default=DEFAULT_CONTEXT, help="seconds")
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH)
+    add_window_arguments(parser)
     catalog.add_catalog_arguments(parser)
     parser.set_defaults(handler=run)
+
+
+def add_window_arguments(parser: argparse.ArgumentParser) -> None:
+    """The engine's window options, shared by ``separate`` and ``bench``."""
+    parser.add_argument(
+        "--segment",
+        type=float,
+        default=DEFAULT_SEGMENT,
+        help=f"seconds of output per window ({DEFAULT_SEGMENT:g})",
+    )
+    parser.add_argument(
+        "--context",
+        type=float,
+        default=DEFAULT_CONTEXT,
+        help=f"seconds of context on each side of a window ({DEFAULT_CONTEXT:g})",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH,
+        help=f"windows of one channel per forward pass ({DEFAULT_BATCH})",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
