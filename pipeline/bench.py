@@ -243,7 +243,18 @@ def _in_fresh_process(function: Any, *args: Any) -> dict[str, Any]:
 
 
 def _peak_rss_mb() -> float:
-    """This process's peak resident set size in MiB (Linux reports KiB, macOS bytes)."""
+    """This process's peak resident set size in MiB.
+
+    On Linux, ``VmHWM`` of ``/proc/self/status``: the high-water mark of this process's own
+    memory. ``ru_maxrss`` is not used there because it survives ``fork`` + ``exec``, so a
+    spawned child would report the parent's peak (the bench's parent holds the test audio).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (2**20 if platform.system() == "Darwin" else 2**10)
 

@@ -117,5 +117,15 @@ def test_bench_reports_speed_memory_and_agreement(checkpoint, capsys):
     assert "engine:" in printed and "peak RSS" in printed and "reference:" not in printed
 
 
+def test_bench_memory_of_a_fresh_process_is_its_own():
+    """The timed paths run in spawned processes; their peak must not include the parent's."""
+    from pipeline.bench import _in_fresh_process, _peak_rss_mb
+
+    held = np.ones(600 * 2**20 // 8)  # 600 MiB touched by this (the parent) process
+    assert _peak_rss_mb() > 600
+    del held
+    assert _in_fresh_process(_peak_rss_mb) < 400
+
+
 def outputs(folder) -> dict[str, np.ndarray]:
     return {path.stem: read_audio(path)[0] for path in folder.iterdir()}
