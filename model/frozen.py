@@ -220,8 +220,8 @@ class _FrozenBlock(nn.Module):
 
 class _FrozenDecoder(nn.Module):
     """Bottleneck, ReLU, then the three transposed convolutions as one matrix product to
-    overlapping frames (each filter's kernel placed at its offset in a common span) and one
-    overlap-add."""
+    overlapping frames (each filter's kernel placed at its offset in a common span, padded to
+    whole strides) and one overlap-add of stride-long pieces."""
 
     def __init__(self, decoder: nn.Module, dtype: torch.dtype) -> None:
         super().__init__()
@@ -231,6 +231,7 @@ class _FrozenDecoder(nn.Module):
         stops = [f.kernel_size[0] - f.padding[0] for f in decoder.filters]
         self.start, span = min(starts), max(stops) - min(starts)
         self.stride = decoder.filters[0].stride[0]
+        span = -(-span // self.stride) * self.stride  # whole strides: zero rows at the end
         blocks = []
         for f, begin in zip(decoder.filters, starts, strict=True):
             kernel = f.weight.detach()[:, 0, :].t()  # (k, width)
@@ -240,14 +241,17 @@ class _FrozenDecoder(nn.Module):
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         hidden = F.relu_(torch.matmul(self.bottleneck, latent))
-        frames = torch.matmul(self.frames, hidden)  # (B, span, T')
-        count, span = frames.shape[-1], frames.shape[1]
-        length = (count - 1) * self.stride + span
-        signal = F.fold(
-            frames.float(), output_size=(1, length), kernel_size=(1, span), stride=(1, self.stride)
-        )
+        frames = torch.matmul(self.frames, hidden).float()  # (B, span, T')
+        batch, span, count = frames.shape
+        pieces = frames.view(batch, span // self.stride, self.stride, count)
+        # Piece p of frame t lands on stride-block t + p: a few shifted adds (F.fold's col2im
+        # took longer than the decoder's matrix products).
+        blocks = pieces.new_zeros(batch, self.stride, count + pieces.shape[1] - 1)
+        for p, piece in enumerate(pieces.unbind(1)):
+            blocks[..., p : p + count].add_(piece)
+        signal = blocks.transpose(1, 2).reshape(batch, 1, -1)
         begin = -self.start
-        return signal.view(frames.shape[0], 1, length)[..., begin : begin + count * self.stride]
+        return signal[..., begin : begin + count * self.stride]
 
 
 class _Conv(nn.Module):
