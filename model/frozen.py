@@ -115,8 +115,8 @@ class _FrozenEncoder(nn.Module):
         frames = parts[0].shape[-1]
         mel = self.spectrogram(signal, frames)
         features = torch.cat([*parts, mel.to(parts[0].dtype)], dim=1)
-        hidden = F.relu_(torch.matmul(self.first, features))
-        return torch.matmul(self.second, hidden)
+        hidden = F.relu_(_shared_matmul(self.first, features))
+        return _shared_matmul(self.second, hidden)
 
 
 class _FrozenMask(nn.Module):
@@ -240,8 +240,8 @@ class _FrozenDecoder(nn.Module):
         self.register_buffer("frames", _constant(torch.cat(blocks, dim=1), dtype), False)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        hidden = F.relu_(torch.matmul(self.bottleneck, latent))
-        frames = torch.matmul(self.frames, hidden).float()  # (B, span, T')
+        hidden = F.relu_(_shared_matmul(self.bottleneck, latent))
+        frames = _shared_matmul(self.frames, hidden).float()  # (B, span, T')
         batch, span, count = frames.shape
         pieces = frames.view(batch, span // self.stride, self.stride, count)
         # Piece p of frame t lands on stride-block t + p: a few shifted adds (F.fold's col2im
@@ -389,6 +389,18 @@ class _Norm(nn.Module):
         scale, shift = self.affine(x, batch)
         shape = (batch * INSTRUMENTS, -1, 1)
         return x.mul_(scale.reshape(shape).to(x.dtype)).add_(shift.reshape(shape).to(x.dtype))
+
+
+def _shared_matmul(matrix: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """``matrix @ batch`` for one (M, K) matrix and a (B, K, T) batch, as one matrix product per
+    item into a single output: torch's broadcast to a batched product ran about 1.4x slower on
+    CPU for the encoder's and decoder's large products."""
+    if batch.device.type != "cpu" or batch.dim() != 3:
+        return torch.matmul(matrix, batch)
+    out = batch.new_empty(batch.shape[0], matrix.shape[0], batch.shape[-1])
+    for item, result in zip(batch, out, strict=True):
+        torch.mm(matrix, item, out=result)
+    return out
 
 
 def _softmax_over_instruments_(logits: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:

@@ -39,14 +39,13 @@ import numpy as np
 import torch
 
 from model import STEMS, CheckpointError, MultiTasNet, load_checkpoint, save_checkpoint
+from model.frozen import frames_multiple
 from pipeline.audio import write_audio
 from pipeline.separator import DEFAULT_BATCH, DEFAULT_CONTEXT, DEFAULT_SEGMENT, Separator
 
 BENCH_RATE = 44100  # sample rate of the benchmark audio (stereo)
 RELEASE_CHUNK_SECONDS = 30  # the release's inference: one chunk per 30 s of audio
-# Each timed path first runs this much audio untimed, as a catalog worker has run its first track:
-# one-time costs (kernel selection, allocator pools, lazy initialisation) are not per-track costs.
-WARM_UP_SECONDS = 2
+RELEASE_CONTEXT_SECONDS = 8  # the release's context on each side of a chunk
 
 
 @dataclass(frozen=True)
@@ -191,7 +190,10 @@ def _engine_job(
     _set_threads(options)
     separator = _separator(checkpoint, options)
     loaded = _peak_rss_mb()
-    separator.separate(bench_audio(WARM_UP_SECONDS), BENCH_RATE)
+    # Untimed warm-up on one window of audio, as a catalog worker has run its first track:
+    # one-time costs (kernel selection, first touch of allocator pages) are not per-track costs.
+    window = options.segment + 2 * options.context
+    separator.separate(bench_audio(min(window, options.seconds)), BENCH_RATE)
     _reset_device_peak(separator.device)
     started = time.perf_counter()
     separator.separate_file(source, destination)
@@ -217,7 +219,10 @@ def _reference_job(checkpoint: Path, work: Path, options: BenchOptions) -> dict[
     def channel_inputs(channel: int) -> list[torch.Tensor]:
         return [torch.from_numpy(mix[channel][None, None]).to(device) for mix in mixes]
 
-    warm_up = model.config.sampling_rate * WARM_UP_SECONDS
+    # Untimed warm-up on one chunk's worth of audio (chunk and context), as for the engine.
+    chunk = options.seconds / n_chunks + 2 * RELEASE_CONTEXT_SECONDS
+    warm_up = min(mixes[0].shape[-1], round(chunk * model.config.sampling_rate))
+    warm_up -= warm_up % frames_multiple(model)
     model.inference([x[..., : 2**i * warm_up] for i, x in enumerate(channel_inputs(0))], 1)
     _reset_device_peak(device)
     started = time.perf_counter()
