@@ -34,23 +34,27 @@ def add_catalog_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--cpus-per-worker", type=float, metavar="C", help=setting_help("cpus_per_worker")
     )
-    group.add_argument(
-        "--ray-address",
-        help=setting_help("ray_address", "existing Ray cluster (default: RAY_ADDRESS or local)"),
-    )
-    group.add_argument(
-        "--storage-options",
-        type=json_object,
-        metavar="JSON",
-        help=setting_help(
-            "storage_options",
-            'fsspec options, e.g. \'{"endpoint_url": "http://minio:9000"}\', merged over',
-        ),
-    )
+    add_cluster_arguments(group)
     group.add_argument(
         "--fail-on-error", action="store_true", help="stop at the first track that fails"
     )
     group.add_argument("--run-id", help="name of the run (default: UTC time and a random suffix)")
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--ray-address`` and ``--storage-options``, shared by every command that runs a flow."""
+    parser.add_argument(
+        "--ray-address",
+        help=setting_help("ray_address", "existing Ray cluster (default: RAY_ADDRESS or local)"),
+    )
+    parser.add_argument(
+        "--storage-options",
+        type=json_object,
+        metavar="JSON",
+        help=setting_help(
+            "storage_options", 'fsspec options, e.g. \'{"endpoint_url": "http://minio:9000"}\''
+        ),
+    )
 
 
 def setting_help(name: str, text: str | None = None) -> str:

@@ -11,7 +11,7 @@ from pipeline.settings import load_settings, use_settings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from pipeline.catalog.cli import json_object, setting_help
+    from pipeline.catalog.cli import add_cluster_arguments
 
     parser = subparsers.add_parser(
         "benchmark",
@@ -58,16 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="model workers of the separation (default: one per GPU, or CPUs-1)",
     )
-    parser.add_argument(
-        "--ray-address",
-        help=setting_help("ray_address", "existing Ray cluster (default: RAY_ADDRESS or local)"),
-    )
-    parser.add_argument(
-        "--storage-options",
-        type=json_object,
-        metavar="JSON",
-        help=setting_help("storage_options", "fsspec options"),
-    )
+    add_cluster_arguments(parser)
     parser.set_defaults(handler=run)
 
 

@@ -12,7 +12,7 @@ from pipeline.settings import load_settings, use_settings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from pipeline.catalog.cli import json_object, setting_help
+    from pipeline.catalog.cli import add_cluster_arguments
 
     parser = subparsers.add_parser(
         "evaluate",
@@ -50,18 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--workers", type=int, metavar="N", help="scoring tasks at once (default: one per CPU)"
     )
-    parser.add_argument(
-        "--ray-address",
-        help=setting_help("ray_address", "existing Ray cluster (default: RAY_ADDRESS or local)"),
-    )
-    parser.add_argument(
-        "--storage-options",
-        type=json_object,
-        metavar="JSON",
-        help=setting_help(
-            "storage_options", 'fsspec options, e.g. \'{"endpoint_url": "http://minio:9000"}\''
-        ),
-    )
+    add_cluster_arguments(parser)
     parser.add_argument("--run-id", help="name of the run (default: UTC time and a random suffix)")
     parser.set_defaults(handler=run)
 
