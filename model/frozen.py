@@ -27,6 +27,11 @@ from torch import nn
 from model.layers import INSTRUMENTS
 from model.network import MultiTasNet, TasNetStage
 
+# Pieces in which `_moments` reads activations: at most this many elements (a 2 MB float32 buffer,
+# within the L2 caches of two cores) and at most this many time steps per row.
+_MOMENT_PIECE = 2**19
+_MOMENT_WIDTH = 2**13
+
 
 class FrozenTasNet(nn.Module):
     """Constant-weight Meta-TasNet for inference; same inputs and outputs as ``separate``."""
@@ -437,17 +442,36 @@ def _channel_moments(
 def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and (biased) variance over the last dimension, in float64.
 
-    From a float32 sum and sum of squares (two vectorised reads; ``torch.var_mean`` is some 40x
+    From float32 sums and sums of squares (two vectorised reads; ``torch.var_mean`` is some 40x
     slower on CPU). E[x²] - E[x]² is formed in float64; it loses precision only where the mean is
     orders of magnitude above the spread, which these activations (PReLU of convolutions of
-    normalised signals) are not. Lower-precision input is cast to float32 first: one vectorised
-    cast and two float32 reads beat float32-accumulating reductions of bfloat16 several times.
+    normalised signals) are not.
+
+    The tensor is read in pieces of ``_MOMENT_PIECE`` elements that stay in the CPU's cache: a
+    lower-precision piece is cast into one reused float32 buffer and summed twice from the cache.
+    Casting the whole tensor at once (a fresh allocation the size of the activation, whose pages
+    the kernel must zero, then two reads from memory) took longer than the matrix products that
+    made it; float32-accumulating reductions of bfloat16 are slower still.
     """
-    x = x.float()
     count = x.shape[-1]
-    mean = x.sum(-1).double() / count
-    norm = torch.linalg.vector_norm(x, dim=-1).double()
-    return mean, (norm.square() / count - mean.square()).clamp_min(0)
+    rows = x.reshape(-1, count)
+    width = min(count, _MOMENT_WIDTH)
+    height = max(1, _MOMENT_PIECE // width)
+    sums = torch.zeros(rows.shape[0], dtype=torch.float64, device=x.device)
+    squares = torch.zeros_like(sums)
+    buffer = None
+    if x.dtype != torch.float32:
+        buffer = torch.empty(min(height, rows.shape[0]) * width, device=x.device)
+    for top in range(0, rows.shape[0], height):
+        band = rows[top : top + height]
+        for left in range(0, count, width):
+            piece = band[:, left : left + width]
+            if buffer is not None:
+                piece = buffer[: piece.numel()].view(piece.shape).copy_(piece)
+            sums[top : top + height] += piece.sum(-1)
+            squares[top : top + height] += torch.linalg.vector_norm(piece, dim=-1).double() ** 2
+    mean = (sums / count).view(x.shape[:-1])
+    return mean, (squares.view(x.shape[:-1]) / count - mean.square()).clamp_min(0)
 
 
 def _constant(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

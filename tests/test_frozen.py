@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model import MultiTasNet, TasNetConfig
-from model.frozen import FrozenTasNet, frames_multiple
+from model.frozen import _MOMENT_PIECE, _MOMENT_WIDTH, FrozenTasNet, _moments, frames_multiple
 
 SMALL = dict(N=32, B=16, H=16, layers=2, stack=1, num_mels=16)
 
@@ -75,6 +75,21 @@ def test_bfloat16_network_stays_close_to_float32():
     low = FrozenTasNet(model, torch.bfloat16).separate_last(inputs).double()
     sdr = 10 * torch.log10(exact.square().sum() / (exact - low).square().sum())
     assert sdr > 30
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moments_read_in_pieces_equal_whole_tensor_moments(dtype):
+    """Rows and time both span several pieces, the last ones partial (the piecewise sums must
+    cover every element exactly once)."""
+    rows = _MOMENT_PIECE // _MOMENT_WIDTH + 6
+    frames = 2 * _MOMENT_WIDTH + 1234
+    generator = torch.Generator().manual_seed(5)
+    x = (torch.randn(2, rows // 2, frames, generator=generator) * 3 + 0.5).to(dtype)
+    mean, variance = _moments(x)
+    variance_expected, mean_expected = torch.var_mean(x.double(), dim=-1, correction=0)
+    assert mean.shape == variance.shape == (2, rows // 2)
+    torch.testing.assert_close(mean, mean_expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(variance, variance_expected, rtol=1e-6, atol=0)
 
 
 def test_window_alignment_covers_encoder_stride_and_mel_hop():
