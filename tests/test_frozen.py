@@ -89,7 +89,7 @@ def test_moments_read_in_pieces_equal_whole_tensor_moments(dtype):
     variance_expected, mean_expected = torch.var_mean(x.double(), dim=-1, correction=0)
     assert mean.shape == variance.shape == (2, rows // 2)
     torch.testing.assert_close(mean, mean_expected, rtol=0, atol=1e-6)
-    torch.testing.assert_close(variance, variance_expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(variance, variance_expected, rtol=1e-5, atol=0)
 
 
 def test_window_alignment_covers_encoder_stride_and_mel_hop():
