@@ -23,10 +23,13 @@ files, so a long recording never has to fit in memory; :meth:`Separator.separate
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import hashlib
 import itertools
 import json
 import math
+import platform
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -140,6 +143,8 @@ class Separator:
         if segment <= 0 or context < 0 or batch_size < 1:
             raise ValueError("segment must be > 0, context >= 0 and batch_size >= 1")
         model = checkpoint if isinstance(checkpoint, MultiTasNet) else load_checkpoint(checkpoint)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         self.config = model.config
         self.model_id = model_fingerprint(model)
         self.network = FrozenTasNet(model, dtype).to(self.device).eval()
@@ -517,6 +522,26 @@ def plan_windows(length: int, segment: int, context: int, align: int = 1) -> lis
         begin = min(max(0, start - context), length - size)
         plan.append(Window(start, stop, begin, begin + size))
     return plan
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Make this process's allocator keep freed memory for reuse (glibc only; once per process).
+
+    Every window's forward allocates and frees the same large activations. glibc serves blocks of
+    more than 32 MB with ``mmap`` and unmaps them when freed (and trims the heap's free top), so
+    each window touched fresh pages that the kernel had to zero: a tenth of the CPU time of the
+    shipped model, more for bfloat16. Here large blocks come from the heap and freed memory stays
+    there; the process's resident size stays near its peak (about 7% above it for the shipped
+    model) instead of shrinking between windows. Returns whether the settings were applied."""
+    if platform.system() != "Linux":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no tunable allocator)
+        return False
+    trim_threshold, mmap_max = -1, -4  # M_TRIM_THRESHOLD, M_MMAP_MAX from <malloc.h>
+    return bool(mallopt(trim_threshold, 2**31 - 1)) and bool(mallopt(mmap_max, 0))
 
 
 def _block_diagonal(mixing: np.ndarray) -> np.ndarray:

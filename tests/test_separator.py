@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import resource
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from model import STEMS, MultiTasNet, TasNetConfig
 from pipeline.audio import AudioError, read_audio, write_audio
 from pipeline.bench import bench_audio, stem_agreement
-from pipeline.separator import Separator, plan_windows
+from pipeline.separator import Separator, keep_freed_memory, plan_windows
 
 SMALL = TasNetConfig(N=32, B=16, H=16, layers=4, stack=1, num_mels=16)
 
@@ -142,3 +143,19 @@ def test_window_plan_tiles_the_track_with_equal_aligned_windows(length):
         assert window.start - window.begin >= min(context, window.start)
         assert window.end - window.stop >= min(context, length - window.stop)
         assert all(v % align == 0 for v in window)
+
+
+def test_a_cpu_separator_makes_freed_activations_reusable_without_fresh_pages(separator):
+    """After a CPU Separator is built, a freed 128 MB tensor's memory is reused: allocating it
+    again touches no new pages (glibc would otherwise unmap it and fault in zeroed pages)."""
+    assert separator.device.type == "cpu"
+    if not keep_freed_memory():
+        pytest.skip("the allocator is not glibc's")
+
+    def page_faults() -> int:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    torch.ones(2**25)
+    before = page_faults()
+    torch.ones(2**25)  # 32768 pages of 4 KiB
+    assert page_faults() - before < 1000
