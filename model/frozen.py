@@ -462,21 +462,21 @@ def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     orders of magnitude above the spread, which these activations (PReLU of convolutions of
     normalised signals) are not.
 
-    The tensor is read in pieces of ``_MOMENT_PIECE`` elements that stay in the CPU's cache: a
-    lower-precision piece is cast into one reused float32 buffer and summed twice from the cache.
+    A lower-precision tensor is read in pieces of ``_MOMENT_PIECE`` elements that stay in the
+    CPU's cache: each piece is cast into one reused float32 buffer and summed twice from there.
     Casting the whole tensor at once (a fresh allocation the size of the activation, whose pages
     the kernel must zero, then two reads from memory) took longer than the matrix products that
     made it; float32-accumulating reductions of bfloat16 are slower still.
     """
     count = x.shape[-1]
     rows = x.reshape(-1, count)
-    width = min(count, _MOMENT_WIDTH)
-    height = max(1, _MOMENT_PIECE // width)
+    width, height, buffer = count, rows.shape[0], None  # float32: read whole, as fast here
+    if x.dtype != torch.float32:
+        width = min(count, _MOMENT_WIDTH)
+        height = max(1, _MOMENT_PIECE // width)
+        buffer = torch.empty(min(height, rows.shape[0]) * width, device=x.device)
     sums = torch.zeros(rows.shape[0], dtype=torch.float64, device=x.device)
     squares = torch.zeros_like(sums)
-    buffer = None
-    if x.dtype != torch.float32:
-        buffer = torch.empty(min(height, rows.shape[0]) * width, device=x.device)
     for top in range(0, rows.shape[0], height):
         band = rows[top : top + height]
         for left in range(0, count, width):
