@@ -410,8 +410,7 @@ def _shared_matmul(
     CPU for the encoder's and decoder's large products. With ``transpose``, the (B, T, M)
     transposed result (each item's product taken as ``itemᵀ @ matrixᵀ``)."""
     if batch.device.type != "cpu" or batch.dim() != 3:
-        result = torch.matmul(matrix, batch)
-        return result.transpose(1, 2).contiguous() if transpose else result
+        return torch.matmul(batch.mT, matrix.t()) if transpose else torch.matmul(matrix, batch)
     if transpose:
         out = batch.new_empty(batch.shape[0], batch.shape[-1], matrix.shape[0])
         for item, result in zip(batch, out, strict=True):
