@@ -470,7 +470,9 @@ def _moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     count = x.shape[-1]
     rows = x.reshape(-1, count)
     width, height, buffer = count, rows.shape[0], None  # float32: read whole, as fast here
-    if x.dtype != torch.float32:
+    if x.dtype != torch.float32 and x.device.type != "cpu":
+        rows = rows.float()  # a GPU's cached allocator has no fresh pages; pieces = many launches
+    elif x.dtype != torch.float32:
         width = min(count, _MOMENT_WIDTH)
         height = max(1, _MOMENT_PIECE // width)
         buffer = torch.empty(min(height, rows.shape[0]) * width, device=x.device)
