@@ -534,7 +534,7 @@ def keep_freed_memory() -> bool:
     shipped model, more for bfloat16. Here large blocks come from the heap and freed memory stays
     there for the next window: the process keeps its peak resident size until it ends, and the
     peak itself is higher (measured: +7% for the shipped model, +20% for the paper model in
-    float32, the same in bfloat16). Returns whether the settings were applied."""
+    float32, +1% in bfloat16). Returns whether the settings were applied."""
     if platform.system() != "Linux":
         return False
     try:
