@@ -156,6 +156,9 @@ def test_a_cpu_separator_makes_freed_activations_reusable_without_fresh_pages(se
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
     torch.ones(2**25)
-    before = page_faults()
-    torch.ones(2**25)  # 32768 pages of 4 KiB
-    assert page_faults() - before < 1000
+    faults = []
+    for _ in range(3):  # the least of three: other threads' faults count in RUSAGE_SELF too
+        before = page_faults()
+        torch.ones(2**25)  # 32768 pages of 4 KiB
+        faults.append(page_faults() - before)
+    assert min(faults) < 1000
