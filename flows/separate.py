@@ -33,7 +33,8 @@ from pipeline.catalog.manifest import done_records, new_run_id, read_manifests
 from pipeline.catalog.plan import Plan, catalog_options_hash, plan_tracks
 from pipeline.catalog.storage import is_transient, open_location
 from pipeline.catalog.summary import build_summary, format_summary, write_summary
-from pipeline.settings import settings_for_run
+from pipeline.settings import load_settings, settings_for_run
+from pipeline.weights import resolve_weights
 
 
 def _transient_failure(task, task_run, state) -> bool:
@@ -71,8 +72,8 @@ def load_model(
     ray_address: str | None,
 ) -> tuple[Any, str, str]:
     """The model the workers will hold, its id and the separator's options hash."""
-    try:
-        model = load_checkpoint(checkpoint)
+    try:  # named weights are fetched here, on the driver; workers get the model through Ray
+        model = load_checkpoint(resolve_weights(checkpoint, load_settings()))
     except CheckpointError as error:
         raise CatalogError(str(error)) from None
     if precision != "float32" and gpus_per_worker > 0:

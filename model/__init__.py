@@ -2,8 +2,10 @@
 
 from model.checkpoint import (
     CheckpointError,
+    build_model,
     load_checkpoint,
     load_checkpoint_with_metadata,
+    read_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
 )
@@ -15,8 +17,10 @@ __all__ = [
     "CheckpointError",
     "MultiTasNet",
     "TasNetConfig",
+    "build_model",
     "load_checkpoint",
     "load_checkpoint_with_metadata",
+    "read_checkpoint",
     "resolve_checkpoint",
     "save_checkpoint",
 ]

@@ -59,16 +59,34 @@ def load_checkpoint_with_metadata(
 ) -> tuple[MultiTasNet, dict[str, Any]]:
     """Like :func:`load_checkpoint`, also returning the checkpoint's metadata."""
     path = resolve_checkpoint(path)
+    config, state, metadata = read_checkpoint(path)
+    return build_model(config, state, path).to(device), metadata
+
+
+def read_checkpoint(
+    path: str | Path,
+) -> tuple[TasNetConfig, dict[str, torch.Tensor], dict[str, Any]]:
+    """The configuration, tensors and metadata of a checkpoint file (either format), without
+    building the network, so that a caller can check them before paying for the model."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {str(path)!r}")
     if _is_safetensors(path):
-        config, state, metadata = _read_own(path)
-    else:
-        config, state, metadata = _read_release(path)
+        return _read_own(path)
+    return _read_release(path)
+
+
+def build_model(
+    config: TasNetConfig, state: dict[str, torch.Tensor], origin: str | Path = "checkpoint"
+) -> MultiTasNet:
+    """The network of ``config`` holding ``state`` (every key, every shape), in eval mode;
+    :class:`CheckpointError` naming ``origin`` when the tensors do not fit."""
     model = MultiTasNet(config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise CheckpointError(f"{path}: weights do not fit the configuration: {error}") from None
-    return model.to(device).eval(), metadata
+        raise CheckpointError(f"{origin}: weights do not fit the configuration: {error}") from None
+    return model.eval()
 
 
 def save_checkpoint(

@@ -26,6 +26,7 @@ COMMANDS = (
     "serve",
     "synth",
     "train",
+    "weights",
 )
 
 

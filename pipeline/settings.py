@@ -47,6 +47,7 @@ REDACTED = "***"
 # gcsfs' token, adlfs' account_key/sas_token/client_secret, passwords of http/ftp/sftp.
 SECRET_KEY_PARTS = ("key", "secret", "token", "password", "passwd", "credential", "sas")
 FLAGS = {"stem_format": "--format"}  # settings whose CLI flag is not --<name>
+_URL_FIELDS = ("ray_address", "weights_mirror")  # URLs that may carry user:password@
 
 
 class SettingsError(ValueError):
@@ -74,7 +75,16 @@ class Settings(BaseSettings):
         default_factory=lambda: Secret({}),
         description="fsspec options as a JSON object, e.g. endpoint_url, key, secret",
     )
-    checkpoint: str = Field("default", description="weights: 'default' (shipped) or a file")
+    checkpoint: str = Field(
+        "default",
+        description="weights: a name of `metasep weights list` (default: shipped; release: the "
+        "paper's, downloaded once) or a checkpoint file",
+    )
+    weights_mirror: str | None = Field(
+        None,
+        description="where named weights are fetched from instead of their published URL: an "
+        "fsspec URL prefix holding each file under its original name (s3://, https://, file://)",
+    )
     workers: int | None = Field(
         None, ge=1, description="model workers of a catalog run (default: one per GPU or CPUs-1)"
     )
@@ -105,21 +115,21 @@ class Settings(BaseSettings):
             raise ValueError("must be a JSON object")
         return value
 
-    @field_validator("ray_address", "device", mode="before")
+    @field_validator("ray_address", "device", "weights_mirror", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         """``RAY_ADDRESS=`` (set but empty) means no cluster, as it does for Ray itself."""
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_serializer("ray_address")
-    def _ray_address_shown(self, value: str | None) -> str | None:
+    @field_serializer("ray_address", "weights_mirror")
+    def _url_shown(self, value: str | None) -> str | None:
         return redact_url(value) if value else value
 
     def __repr_args__(self):
-        """``repr``/``str`` with the user-info of the Ray address hidden (the storage options
-        are a ``Secret`` already)."""
+        """``repr``/``str`` with the user-info of the URLs hidden (the storage options are a
+        ``Secret`` already)."""
         for name, value in super().__repr_args__():
-            yield name, (redact_url(value) if name == "ray_address" and value else value)
+            yield name, (redact_url(value) if name in _URL_FIELDS and value else value)
 
     def options(self) -> dict[str, Any] | None:
         """The storage options for fsspec (``None`` when there are none)."""
@@ -129,7 +139,8 @@ class Settings(BaseSettings):
         """The settings as plain values that are safe to print or log: credentials redacted."""
         values = {name: getattr(self, name) for name in type(self).model_fields}
         values["storage_options"] = redact(self.storage_options.get_secret_value())
-        values["ray_address"] = redact_url(self.ray_address) if self.ray_address else None
+        for name in _URL_FIELDS:
+            values[name] = redact_url(values[name]) if values[name] else None
         values["cache_dir"] = str(self.cache_dir)
         return values
 

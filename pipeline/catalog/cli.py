@@ -13,10 +13,11 @@ import logging
 import os
 from typing import Any
 
-from model import STEMS, CheckpointError, resolve_checkpoint
+from model import STEMS, CheckpointError
 from pipeline.catalog.job import STEM_FORMATS
 from pipeline.catalog.listing import CatalogError, is_catalog_source
 from pipeline.settings import Settings, env_name, use_settings
+from pipeline.weights import resolve_weights
 
 
 def add_catalog_arguments(parser: argparse.ArgumentParser) -> None:
@@ -129,11 +130,10 @@ def run_catalog(
 
     if settings.stem_format not in STEM_FORMATS:
         raise UsageError(f"stem format must be one of {', '.join(STEM_FORMATS)}")
-    try:
-        resolve_checkpoint(settings.checkpoint)  # before the flow starts: a missing file is a typo
+    try:  # before the flow starts: a typo, or named weights fetched here, on the driver
+        resolve_weights(settings.checkpoint, settings)
     except CheckpointError as error:
-        hint = "; pass --checkpoint PATH" if settings.checkpoint == "default" else ""
-        raise UsageError(f"{error}{hint}") from None
+        raise UsageError(str(error)) from None
     if settings.workers is not None and settings.workers < 1:
         raise UsageError(f"--workers must be 1 or more, not {settings.workers}")
     prepare_prefect()

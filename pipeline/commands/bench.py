@@ -24,8 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--config",
         default="paper",
-        help="paper (random weights), default (the shipped model), a run config JSON (random "
-        "weights) or a checkpoint file (default: paper)",
+        help="paper (random weights), named weights (default: the shipped model; release: the "
+        "paper's trained weights, fetched once), a run config JSON (random weights) or a "
+        "checkpoint file (default: paper)",
     )
     parser.add_argument("--seconds", type=float, default=60.0, help="audio length (60)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--threads must be at least 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model, weights = bench_model(args.config, args.seed)
+        model, weights = bench_model(_named_weights(args.config), args.seed)
         options = BenchOptions(
             seconds=args.seconds,
             device=device,
@@ -77,6 +78,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(report(results))
     return 0
+
+
+def _named_weights(config: str) -> str:
+    """``--config`` with downloadable named weights (``release``) replaced by their cached
+    file; ``default`` stays a name (the bench falls back to random weights without it)."""
+    from pipeline.weights import REGISTRY, resolve_weights
+
+    if config in REGISTRY and not REGISTRY[config].shipped:
+        return str(resolve_weights(config))
+    return config
 
 
 def report(results: dict) -> str:

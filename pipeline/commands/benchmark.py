@@ -33,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="NAME=PATH",
-        help="a method to score (repeatable; PATH may be 'default'); default: default=default",
+        help="a method to score (repeatable; PATH may be named weights such as default or "
+        "release); default: default=default",
     )
     parser.add_argument(
         "--tracks",
@@ -63,16 +64,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model import CheckpointError, resolve_checkpoint
+    from model import CheckpointError
     from pipeline.catalog.cli import prepare_prefect
     from pipeline.catalog.listing import CatalogError
     from pipeline.catalog.summary import format_summary
     from pipeline.commands.evaluate import exit_code, print_evaluation
+    from pipeline.weights import resolve_weights
 
     checkpoints = _checkpoints(args.checkpoint)
     for name, path in checkpoints.items():
         try:
-            resolve_checkpoint(path)
+            resolve_weights(path)  # named weights are fetched now, before any flow starts
         except CheckpointError as error:
             raise UsageError(f"--checkpoint {name}={path}: {error}") from None
     for option, value in (("--tracks", args.tracks), ("--workers", args.workers)):

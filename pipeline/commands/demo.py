@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from model import CheckpointError, MultiTasNet, resolve_checkpoint, save_checkpoint
+from model import CheckpointError, MultiTasNet, save_checkpoint
 from pipeline.cli import UsageError
 from pipeline.settings import settings_from_args
+from pipeline.weights import resolve_weights
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -90,10 +91,10 @@ def demo_checkpoint(name: str, out: Path) -> str:
     """The checkpoint to use; without shipped weights, a random model of the default size (said
     loudly: its stems prove the pipeline, they are not a separation)."""
     try:
-        return str(resolve_checkpoint(name))
-    except CheckpointError:
+        return str(resolve_weights(name))
+    except CheckpointError as error:
         if name != "default":
-            raise UsageError(f"no checkpoint {name!r}") from None
+            raise UsageError(str(error)) from None
     from pipeline.training.config import PRESETS
 
     path = out / "random-default-size.safetensors"

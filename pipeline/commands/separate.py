@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from model import STEMS, CheckpointError, resolve_checkpoint
+from model import STEMS, CheckpointError
 from pipeline.audio import FORMATS, AudioError
 from pipeline.catalog import cli as catalog
 from pipeline.cli import UsageError
@@ -29,6 +29,7 @@ from pipeline.separator import (
     Separator,
 )
 from pipeline.settings import Settings, settings_from_args
+from pipeline.weights import resolve_weights
 
 KARAOKE = "karaoke"
 REMIX = "remix"
@@ -167,17 +168,9 @@ def requested_outputs(
 def build_separator(args: argparse.Namespace, settings: Settings) -> Separator:
     """The separator the options and settings ask for, or a UsageError saying why there is
     none."""
-    if settings.checkpoint == "default":
-        try:
-            resolve_checkpoint("default")
-        except CheckpointError:
-            raise UsageError(
-                "the shipped default weights (model/weights/default.safetensors) are not "
-                "installed; pass --checkpoint PATH (a release best_model.pt or a .safetensors)"
-            ) from None
     try:
         return Separator(
-            settings.checkpoint,
+            resolve_weights(settings.checkpoint, settings),
             device=settings.device,
             precision=settings.precision,
             segment=args.segment,
