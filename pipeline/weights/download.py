@@ -23,7 +23,7 @@ import re
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,14 +66,17 @@ def download(
     storage_options: dict[str, Any] | None = None,
     expected_size: int | None = None,
     label: str = "download",
+    check_head: Callable[[bytes], str | None] | None = None,
 ) -> None:
     """Fetch ``url`` into ``destination`` (see the module docstring), showing a progress bar
-    titled ``label``. Raises :class:`DownloadError` when it cannot."""
+    titled ``label``. ``check_head`` sees the first bytes of the file and returns what is wrong
+    with them, if anything (a web page, say), before more is fetched. Raises
+    :class:`DownloadError` when it cannot."""
     part = destination.with_name(destination.name + ".part")
     shown = redact_url(url)
     try:
         retry_storage(
-            lambda: _attempt(url, part, storage_options, expected_size, label),
+            lambda: _attempt(url, part, storage_options, expected_size, label, check_head),
             f"downloading {shown}",
             attempts=ATTEMPTS,
         )
@@ -86,7 +89,12 @@ def download(
 
 
 def _attempt(
-    url: str, part: Path, options: dict[str, Any] | None, expected: int | None, label: str
+    url: str,
+    part: Path,
+    options: dict[str, Any] | None,
+    expected: int | None,
+    label: str,
+    check_head: Callable[[bytes], str | None] | None,
 ) -> None:
     """One try: continue ``part`` from its current length to the end of the file."""
     offset = part.stat().st_size if part.exists() else 0
@@ -98,7 +106,7 @@ def _attempt(
                 )
             if offset and remote.start == offset:
                 log.info("resuming %s at byte %d", redact_url(url), offset)
-            written = _copy(remote, part, label)
+            written = _copy(remote, part, label, url, check_head)
     except _StartOver:
         part.unlink(missing_ok=True)
         raise
@@ -106,9 +114,19 @@ def _attempt(
         raise ConnectionError(f"the transfer stopped at byte {written} of {remote.total}")
 
 
-def _copy(remote: _Remote, part: Path, label: str) -> int:
+def _copy(
+    remote: _Remote,
+    part: Path,
+    label: str,
+    url: str,
+    check_head: Callable[[bytes], str | None] | None,
+) -> int:
     """Append the remote bytes to ``part`` (rewriting it when they start at 0); returns the
     length ``part`` has afterwards."""
+    chunk = _read(remote.stream)
+    problem = check_head(chunk) if check_head and remote.start == 0 else None
+    if problem:
+        raise DownloadError(f"{redact_url(url)}: {problem}")
     written = remote.start
     with (
         part.open("ab" if remote.start else "wb") as out,
@@ -123,10 +141,11 @@ def _copy(remote: _Remote, part: Path, label: str) -> int:
             mininterval=0.5,
         ) as bar,
     ):
-        while chunk := _read(remote.stream):
+        while chunk:
             out.write(chunk)
             written += len(chunk)
             bar.update(len(chunk))
+            chunk = _read(remote.stream)
     return written
 
 

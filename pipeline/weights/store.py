@@ -170,11 +170,11 @@ def _download(entry: WeightsEntry, settings: Settings, folder: Path) -> Path:
     url = source_url(entry, settings)
     destination = folder / f".{entry.name}-{entry.filename}"
     try:
-        download(url, destination, settings.options(), entry.size, label=entry.name)
+        download(url, destination, settings.options(), entry.size, entry.name, _head_problem)
     except DownloadError as error:
         raise WeightsError(
-            f"could not fetch the {entry.name!r} weights: {error}. Without network, get "
-            f"{entry.filename} from {entry.url} another way, then: "
+            f"could not fetch the {entry.name!r} weights: {error}. Offline or blocked? Get "
+            f"{entry.filename} from {entry.url} another way and import it: "
             f"metasep weights fetch {entry.name} --from {entry.filename}"
         ) from None
     return destination
@@ -249,15 +249,21 @@ def _check_tensors(
 
 
 def _check_looks_like_checkpoint(path: Path, origin: str) -> None:
-    """Refuse a web page or any file that does not start like a checkpoint (zip archive of
-    ``torch.save``, a pickle of the legacy format, or safetensors) before reading it."""
+    """Refuse a web page or any file that does not start like a checkpoint before reading it."""
     with path.open("rb") as file:
-        head = file.read(16)
+        problem = _head_problem(file.read(16))
+    if problem:
+        raise WeightsError(f"{origin}: {problem}")
+
+
+def _head_problem(head: bytes) -> str | None:
+    """What is wrong with a file that starts with ``head``, unless it starts like a checkpoint:
+    the zip archive of ``torch.save``, the pickle of its legacy format, or safetensors."""
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or head[8:9] == b"{":
-        return
+        return None
     if head.lstrip()[:1] == b"<":
-        raise WeightsError(f"{origin}: a web page, not a checkpoint")
-    raise WeightsError(f"{origin}: not a checkpoint (it starts with {head!r})")
+        return "a web page, not a checkpoint"
+    return f"not a checkpoint (it starts with {head[:16]!r})"
 
 
 def _sha256(path: Path) -> str:
