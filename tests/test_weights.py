@@ -27,6 +27,7 @@ from test_checkpoint import TINY, _Payload, release_file
 
 from model import MultiTasNet, TasNetConfig, load_checkpoint
 from pipeline.cli import build_parser, main
+from pipeline.commands.bench import _named_weights
 from pipeline.settings import load_settings
 from pipeline.weights import REGISTRY, WeightsError, cached_file, fetch_weights, resolve_weights
 from pipeline.weights.store import expected_shapes
@@ -196,6 +197,9 @@ def test_separate_with_named_weights_fetches_once_then_uses_the_cache(
         assert main(["separate", str(song), "--checkpoint", "release", "-o", str(out)]) == 0
         stems = sorted(p.name for p in (out / "song").iterdir())
         assert stems == ["bass.flac", "drums.flac", "other.flac", "vocals.flac"]
+    # metasep bench --config release benches the cached file; paper stays random weights
+    assert _named_weights("release") == str(cached_file("release"))
+    assert _named_weights("paper") == "paper"
     assert len(server.requests) == 1
 
 
