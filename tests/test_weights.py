@@ -45,6 +45,7 @@ class FileServer:
         self.content_type = "application/octet-stream"
         self.requests: list[tuple[str, str | None]] = []
         self.cut_after: int | None = None
+        self.honour_range = True
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -67,6 +68,8 @@ class FileServer:
                 if body is None:
                     self.send_error(404)
                     return
+                if not owner.honour_range:
+                    asked = None
                 start = int(re.fullmatch(r"bytes=(\d+)-", asked)[1]) if asked else 0
                 self.send_response(206 if asked else 200)
                 self.send_header("Content-Type", owner.content_type)
@@ -227,6 +230,19 @@ def test_a_partial_file_of_an_earlier_run_is_continued(
     (cache_folder() / f".release-{FILENAME}.part").write_bytes(data[:1000])
     assert_same_weights(fetch_weights("release"), model)
     assert server.requests == [(f"/weights/{FILENAME}", "bytes=1000-")]
+
+
+def test_a_server_that_ignores_range_gets_the_file_rewritten_from_the_start(
+    server, monkeypatch, small_release, tmp_path
+):
+    data, model = release_bytes(tmp_path)
+    serve(server, monkeypatch, data)
+    server.honour_range = False
+    cache_folder().mkdir(parents=True)
+    stale = b"\x80stale bytes"
+    (cache_folder() / f".release-{FILENAME}.part").write_bytes(stale)
+    assert_same_weights(fetch_weights("release"), model)
+    assert server.requests == [(f"/weights/{FILENAME}", f"bytes={len(stale)}-")]
 
 
 def test_s3_mirror(s3_bucket, monkeypatch, small_release, tmp_path):

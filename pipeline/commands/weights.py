@@ -41,10 +41,10 @@ def run_list(args: argparse.Namespace) -> int:
     from pipeline.weights import weights_table
 
     rows = weights_table()
-    print(f"{'name':<10} {'state':<11} {'size':>9} {'parameters':>11}  published SDR (dB)")
+    print(f"{'name':<10} {'state':<13} {'size':>9} {'parameters':>11}  published SDR (dB)")
     for row in rows:
         print(
-            f"{row['name']:<10} {row['state']:<11} {_size(row['bytes']):>9} "
+            f"{row['name']:<10} {row['state']:<13} {_size(row):>9} "
             f"{row['parameters'] / 1e6:>10.2f}M  {_scores(row['scores'])}"
         )
     print()
@@ -67,8 +67,12 @@ def run_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def _size(size: Any) -> str:
-    return "unknown" if size is None else f"{size / 1e6:.1f} MB"
+def _size(row: dict[str, Any]) -> str:
+    """The file's size; before it is here and without a known size, about 4 bytes a parameter
+    (float32), marked with ~."""
+    if row["bytes"] is None:
+        return f"~{row['parameters'] * 4 / 1e6:.0f} MB"
+    return f"{row['bytes'] / 1e6:.1f} MB"
 
 
 def _scores(scores: dict[str, float]) -> str:

@@ -84,9 +84,3 @@ def weights_entry(name: str) -> WeightsEntry:
     except KeyError:
         known = ", ".join(sorted(REGISTRY))
         raise UnknownWeightsError(f"no weights named {name!r} (known: {known})") from None
-
-
-def is_weights_name(value: str) -> bool:
-    """Whether ``value`` is a registry name (a name wins over a file of the same name only
-    when no such file exists: see :func:`pipeline.weights.store.resolve_weights`)."""
-    return value in REGISTRY

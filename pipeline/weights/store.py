@@ -36,6 +36,7 @@ from model import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from model.checkpoint import WEIGHTS_DIR
 from pipeline.catalog.storage import open_location, write_bytes
 from pipeline.settings import Settings, load_settings, redact_url
 from pipeline.weights.download import DownloadError, download
@@ -122,15 +123,15 @@ def weights_table(settings: Settings | None = None) -> list[dict[str, Any]]:
     settings = settings or load_settings()
     rows = []
     for entry in REGISTRY.values():
-        here = (
-            resolve_checkpoint(entry.name) if entry.shipped else cached_file(entry.name, settings)
-        )
+        here = _shipped_file(entry.name) if entry.shipped else cached_file(entry.name, settings)
+        if here.exists():
+            state = "shipped" if entry.shipped else "cached"
+        else:
+            state = "not installed" if entry.shipped else "not cached"
         rows.append(
             {
                 "name": entry.name,
-                "state": ("shipped" if entry.shipped else "cached")
-                if here.exists()
-                else "not cached",
+                "state": state,
                 "bytes": here.stat().st_size if here.exists() else entry.size,
                 "parameters": parameter_count(entry.config),
                 "scores": dict(entry.scores),
@@ -152,6 +153,10 @@ def expected_shapes(config: TasNetConfig) -> dict[str, tuple[int, ...]]:
 def parameter_count(config: TasNetConfig) -> int:
     with torch.device("meta"):
         return sum(p.numel() for p in MultiTasNet(config).parameters())
+
+
+def _shipped_file(name: str) -> Path:
+    return WEIGHTS_DIR / f"{name}.safetensors"
 
 
 def _fetchable(name: str) -> WeightsEntry:
