@@ -377,6 +377,9 @@ def test_unreachable_mirror_gives_one_line_and_exit_2(monkeypatch, tmp_path, cap
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     monkeypatch.setenv("METASEP_WEIGHTS_MIRROR", f"http://127.0.0.1:{port}/w")
+    cache_folder().mkdir(parents=True)
+    partial = cache_folder() / f".release-{FILENAME}.part"
+    partial.write_bytes(b"\x80 the first bytes of an earlier run")
     for command in (
         ["weights", "fetch", "release"],
         ["separate", "x.wav", "--checkpoint", "release"],
@@ -388,6 +391,7 @@ def test_unreachable_mirror_gives_one_line_and_exit_2(monkeypatch, tmp_path, cap
             REGISTRY["release"].url,
             f"metasep weights fetch release --from {FILENAME}",
         )
+    assert partial.exists()  # kept for the run that has network again
 
 
 def test_unknown_names_and_shipped_default(capsys):

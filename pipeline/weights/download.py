@@ -46,6 +46,11 @@ class DownloadError(Exception):
     """A download that failed for good; the message is one line and names the URL."""
 
 
+class _NotTheFile(DownloadError):
+    """The source answers with something else than the file (a web page, another length): what
+    the partial file holds cannot be trusted either."""
+
+
 class _StartOver(ConnectionError):
     """The partial file cannot be continued: drop it and try again from the first byte."""
 
@@ -80,9 +85,11 @@ def download(
             f"downloading {shown}",
             attempts=ATTEMPTS,
         )
-    except DownloadError:
-        part.unlink(missing_ok=True)  # what it holds is not the file
+    except _NotTheFile:
+        part.unlink(missing_ok=True)
         raise
+    except DownloadError:
+        raise  # the partial file stays for the next run to continue
     except Exception as error:
         raise DownloadError(f"{shown}: {_reason(error)}") from None
     os.replace(part, destination)
@@ -101,7 +108,7 @@ def _attempt(
     try:
         with _open(url, offset, options) as remote:
             if remote.total is not None and expected is not None and remote.total != expected:
-                raise DownloadError(
+                raise _NotTheFile(
                     f"{redact_url(url)}: {remote.total} bytes where {expected} are expected"
                 )
             if offset and remote.start == offset:
@@ -126,7 +133,7 @@ def _copy(
     chunk = _read(remote.stream)
     problem = check_head(chunk) if check_head and remote.start == 0 else None
     if problem:
-        raise DownloadError(f"{redact_url(url)}: {problem}")
+        raise _NotTheFile(f"{redact_url(url)}: {problem}")
     written = remote.start
     with (
         part.open("ab" if remote.start else "wb") as out,
@@ -189,7 +196,7 @@ def _open_http(url: str, offset: int) -> _Remote:
         raise
     if response.headers.get_content_type() == "text/html":
         response.close()
-        raise DownloadError(f"{redact_url(url)}: the server sent a web page, not a checkpoint")
+        raise _NotTheFile(f"{redact_url(url)}: the server sent a web page, not a checkpoint")
     if response.status == 206:
         return _Remote(response, *_content_range(response, offset, url))
     length = response.headers.get("Content-Length")
@@ -227,6 +234,8 @@ def _unreachable(reason: object) -> bool:
 
 def _reason(error: BaseException) -> str:
     """What went wrong, in a few words (urllib wraps the socket error in ``reason``)."""
+    if isinstance(error, FileNotFoundError):
+        return "no such file"
     reason = getattr(error, "reason", None) or error
     text = str(reason).strip().splitlines()
     return text[0] if text else type(error).__name__
