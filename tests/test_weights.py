@@ -8,6 +8,7 @@ configuration (45.5 M parameters, random weights)."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import json
@@ -46,6 +47,7 @@ class FileServer:
         self.requests: list[tuple[str, str | None]] = []
         self.cut_after: int | None = None
         self.honour_range = True
+        self.authorization: str | None = None  # an Authorization header every request must carry
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -64,6 +66,9 @@ class FileServer:
             def do_GET(self) -> None:
                 path, asked = urlsplit(self.path).path, self.headers.get("Range")
                 owner.requests.append((path, asked))
+                if owner.authorization and self.headers.get("Authorization") != owner.authorization:
+                    self.send_error(401)
+                    return
                 body = owner.files.get(path.removeprefix("/weights"))
                 if body is None:
                     self.send_error(404)
@@ -245,6 +250,25 @@ def test_a_server_that_ignores_range_gets_the_file_rewritten_from_the_start(
     assert server.requests == [(f"/weights/{FILENAME}", f"bytes={len(stale)}-")]
 
 
+def test_http_mirror_credentials_are_sent_and_never_shown(
+    server, monkeypatch, small_release, tmp_path, capsys
+):
+    data, model = release_bytes(tmp_path)
+    serve(server, monkeypatch, data)
+    server.authorization = "Basic " + base64.b64encode(b"reader:s3cr%t").decode()
+    host = urlsplit(server.url).netloc
+    monkeypatch.setenv("METASEP_WEIGHTS_MIRROR", f"http://reader:s3cr%25t@{host}/weights")
+    assert_same_weights(fetch_weights("release"), model)
+    sidecar = cached_file("release").with_suffix(".json").read_text()
+    assert "s3cr" not in sidecar and f"http://***@{host}/weights/{FILENAME}" in sidecar
+    monkeypatch.setenv("METASEP_WEIGHTS_MIRROR", f"http://reader:wrong@{host}/weights")
+    cached_file("release").unlink()
+    assert main(["weights", "fetch", "release"]) == 2
+    error = capsys.readouterr().err
+    assert_one_line(error, "HTTP 401", f"http://***@{host}/weights/{FILENAME}")
+    assert "wrong" not in error
+
+
 def test_s3_mirror(s3_bucket, monkeypatch, small_release, tmp_path):
     fs, bucket, options = s3_bucket
     data, model = release_bytes(tmp_path)
@@ -394,7 +418,9 @@ def test_unreachable_mirror_gives_one_line_and_exit_2(monkeypatch, tmp_path, cap
     assert partial.exists()  # kept for the run that has network again
 
 
-def test_unknown_names_and_shipped_default(capsys):
+def test_unknown_names_shipped_default_and_missing_import(capsys, tmp_path):
+    assert main(["weights", "fetch", "release", "--from", str(tmp_path / "nope.pt")]) == 2
+    assert_one_line(capsys.readouterr().err, "nope.pt: no such file")
     assert main(["weights", "fetch", "nope"]) == 2
     assert "no weights named 'nope'" in capsys.readouterr().err
     assert main(["weights", "fetch", "default"]) == 2

@@ -15,6 +15,7 @@ file objects hide.
 
 from __future__ import annotations
 
+import base64
 import errno
 import http.client
 import logging
@@ -28,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from tqdm import tqdm
 
@@ -178,7 +180,7 @@ def _is_http(url: str) -> bool:
 
 def _open_http(url: str, offset: int) -> _Remote:
     """GET ``url`` from byte ``offset``; redirects are followed (Dropbox answers with one)."""
-    request = urllib.request.Request(url, headers={"User-Agent": "metasep"})
+    request = _request(url)
     if offset:
         request.add_header("Range", f"bytes={offset}-")
     try:
@@ -201,6 +203,22 @@ def _open_http(url: str, offset: int) -> _Remote:
         return _Remote(response, *_content_range(response, offset, url))
     length = response.headers.get("Content-Length")
     return _Remote(response, 0, int(length) if length and length.isdigit() else None)
+
+
+def _request(url: str) -> urllib.request.Request:
+    """A GET of ``url``; ``user:password@`` in it becomes HTTP basic authentication, sent to
+    that host only (an unredirected header is not repeated to where a redirect points)."""
+    parts = urlsplit(url)
+    if parts.username is None:
+        return urllib.request.Request(url, headers={"User-Agent": "metasep"})
+    host = parts.netloc.rsplit("@", 1)[1]
+    request = urllib.request.Request(
+        urlunsplit(parts._replace(netloc=host)), headers={"User-Agent": "metasep"}
+    )
+    pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+    token = base64.b64encode(pair.encode()).decode()
+    request.add_unredirected_header("Authorization", f"Basic {token}")
+    return request
 
 
 def _content_range(
