@@ -33,7 +33,7 @@ from pipeline.catalog.manifest import done_records, new_run_id, read_manifests
 from pipeline.catalog.plan import Plan, catalog_options_hash, plan_tracks
 from pipeline.catalog.storage import is_transient, open_location
 from pipeline.catalog.summary import build_summary, format_summary, write_summary
-from pipeline.settings import load_settings, settings_for_run
+from pipeline.settings import Settings, settings_for_run
 from pipeline.weights import resolve_weights
 
 
@@ -72,8 +72,8 @@ def load_model(
     ray_address: str | None,
 ) -> tuple[Any, str, str]:
     """The model the workers will hold, its id and the separator's options hash."""
-    try:  # named weights are fetched here, on the driver; workers get the model through Ray
-        model = load_checkpoint(resolve_weights(checkpoint, load_settings()))
+    try:
+        model = load_checkpoint(checkpoint)
     except CheckpointError as error:
         raise CatalogError(str(error)) from None
     if precision != "float32" and gpus_per_worker > 0:
@@ -171,6 +171,7 @@ def separate_catalog(
                 f"{location}: memory:// lives inside one process and Ray workers are other "
                 "processes; use a local folder or object storage"
             )
+    checkpoint = checkpoint_file(checkpoint, settings)
     started_at = datetime.now(UTC)
     run_id = run_id or new_run_id()
     separator_options = dict(separator_options or {})
@@ -215,6 +216,16 @@ def separate_catalog(
     summary["summary_uri"] = record_run(summary, storage_options)
     _publish_artifact(summary)
     return summary
+
+
+def checkpoint_file(checkpoint: str, settings: Settings) -> str:
+    """The file behind the run's checkpoint (a file, or named weights fetched here, on the
+    driver, with the run's settings: cache, mirror, storage options); workers get the model
+    through Ray, never the file."""
+    try:
+        return str(resolve_weights(checkpoint, settings))
+    except CheckpointError as error:
+        raise CatalogError(str(error)) from None
 
 
 def _size_workers(ray, config: JobConfig, strict: bool) -> JobConfig:

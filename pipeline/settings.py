@@ -118,7 +118,8 @@ class Settings(BaseSettings):
     @field_validator("ray_address", "device", "weights_mirror", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
-        """``RAY_ADDRESS=`` (set but empty) means no cluster, as it does for Ray itself."""
+        """``RAY_ADDRESS=`` (set but empty) means no cluster, as it does for Ray itself; an
+        empty ``METASEP_WEIGHTS_MIRROR`` (a Docker build argument left empty) means no mirror."""
         return None if isinstance(value, str) and not value.strip() else value
 
     @field_serializer("ray_address", "weights_mirror")

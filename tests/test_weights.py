@@ -320,12 +320,14 @@ def test_authors_reference_checkpoint_imports(reference_dir, monkeypatch):
 def test_catalog_flow_driver_resolves_the_name_from_the_cache(
     server, monkeypatch, small_release, tmp_path
 ):
-    from flows.separate import load_model
+    from flows.separate import checkpoint_file, load_model
 
     data, model = release_bytes(tmp_path)
     serve(server, monkeypatch, data)
     fetch_weights("release")
-    loaded, model_id, _ = load_model.fn("release", "float32", {}, 0.0, None)
+    path = checkpoint_file("release", load_settings())
+    assert path == str(cached_file("release"))
+    loaded, model_id, _ = load_model.fn(path, "float32", {}, 0.0, None)
     assert all(
         torch.equal(a, b)
         for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True)

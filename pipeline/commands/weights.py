@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from pipeline.weights import weights_table
+    from pipeline.weights import cached_file, weights_table
 
     rows = weights_table()
     print(f"{'name':<10} {'state':<13} {'size':>9} {'parameters':>11}  published SDR (dB)")
@@ -53,6 +53,7 @@ def run_list(args: argparse.Namespace) -> int:
         print(f"  scores: {row['source']}")
         print(f"  from: {row['url'] or 'shipped in model/weights/'}")
         print(f"  licence: {row['licence']}")
+    print(f"\ncache: {cached_file('release').parent}/ (METASEP_CACHE_DIR)")
     return 0
 
 
