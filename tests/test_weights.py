@@ -15,6 +15,7 @@ import json
 import re
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -46,6 +47,7 @@ class FileServer:
         self.content_type = "application/octet-stream"
         self.requests: list[tuple[str, str | None]] = []
         self.cut_after: int | None = None
+        self.stall_seconds = 0.0  # with cut_after: wait this long before dropping the connection
         self.honour_range = True
         self.authorization: str | None = None  # an Authorization header every request must carry
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -84,7 +86,9 @@ class FileServer:
                 self.end_headers()
                 if owner.cut_after is not None and not asked:
                     self.wfile.write(body[: owner.cut_after])
+                    self.wfile.flush()
                     owner.cut_after = None
+                    time.sleep(owner.stall_seconds)
                     self.close_connection = True
                     return
                 self.wfile.write(body[start:])
@@ -224,6 +228,19 @@ def test_a_cut_download_resumes_with_a_range_request(server, monkeypatch, small_
     assert json.loads(path.with_suffix(".json").read_text())["sha256"] == (
         hashlib.sha256(data).hexdigest()
     )
+
+
+def test_a_stalled_transfer_times_out_and_resumes(server, monkeypatch, small_release, tmp_path):
+    from pipeline.weights import download
+
+    monkeypatch.setattr(download, "TIMEOUT_S", 0.5)  # the test's patience, not 30 s
+    data, model = release_bytes(tmp_path)
+    serve(server, monkeypatch, data)
+    server.cut_after, server.stall_seconds = 5000, 3.0
+    started = time.monotonic()
+    assert_same_weights(fetch_weights("release"), model)
+    assert time.monotonic() - started < 3.0  # gave up on the stalled answer, did not wait
+    assert server.requests[1] == (f"/weights/{FILENAME}", "bytes=5000-")
 
 
 def test_a_partial_file_of_an_earlier_run_is_continued(

@@ -71,10 +71,12 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.commands.evaluate import exit_code, print_evaluation
     from pipeline.weights import resolve_weights
 
+    # storage options (maybe credentials) reach the flow as settings, not as recorded parameters
+    settings = load_settings(ray_address=args.ray_address, storage_options=args.storage_options)
     checkpoints = _checkpoints(args.checkpoint)
     for name, path in checkpoints.items():
         try:
-            resolve_weights(path)  # named weights are fetched now, before any flow starts
+            resolve_weights(path, settings)  # named weights are fetched now, before any flow
         except CheckpointError as error:
             raise UsageError(f"--checkpoint {name}={path}: {error}") from None
     for option, value in (("--tracks", args.tracks), ("--workers", args.workers)):
@@ -85,8 +87,6 @@ def run(args: argparse.Namespace) -> int:
     prepare_prefect()
     from flows.benchmark import benchmark
 
-    # storage options (maybe credentials) reach the flow as settings, not as recorded parameters
-    settings = load_settings(ray_address=args.ray_address, storage_options=args.storage_options)
     try:
         with use_settings(settings):
             result = benchmark(

@@ -159,8 +159,10 @@ def _copy(
 
 
 def _read(stream: BinaryIO) -> bytes:
+    """The next bytes there are, up to ``CHUNK``: ``read1`` where the stream has it, so that a
+    connection that stalls or drops costs only what has not arrived yet."""
     try:
-        return stream.read(CHUNK)
+        return getattr(stream, "read1", stream.read)(CHUNK)
     except http.client.HTTPException as error:  # IncompleteRead: the connection was cut
         raise ConnectionError(f"connection lost ({type(error).__name__})") from None
 
