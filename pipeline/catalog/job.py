@@ -200,9 +200,7 @@ class SeparateWorker:
         if isinstance(model, ray.ObjectRef):
             model = ray.get(model)
         device = "cuda" if config.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
-        options = dict(config.separator_options)
-        if device == "cuda" and "batch_size" not in options:
-            options["batch_size"] = None  # picked from the GPU's free memory
+        options = {"batch_size": None, **config.separator_options}  # None: by device memory
         self.separator = Separator(model, device=device, precision=config.precision, **options)
         if self.separator.device.type == "cuda":
             self.separator.forward_events = []
