@@ -76,10 +76,8 @@ def load_model(
         model = load_checkpoint(checkpoint)
     except CheckpointError as error:
         raise CatalogError(str(error)) from None
-    if precision != "float32" and gpus_per_worker > 0:
-        connect_ray(ray_address)  # the ids may have to come from a GPU worker
     try:
-        model_id, options = identify_separator(model, precision, separator_options, gpus_per_worker)
+        model_id, options = identify_separator(model, precision, separator_options)
     except ValueError as error:
         raise CatalogError(str(error).splitlines()[0]) from None
     return model, model_id, options
@@ -229,8 +227,8 @@ def checkpoint_file(checkpoint: str, settings: Settings) -> str:
 
 
 def _size_workers(ray, config: JobConfig, strict: bool) -> JobConfig:
-    """Fill in the default number of workers and check that the cluster can hold them plus the
-    decode/encode tasks (a local Ray cannot grow: asking for more would wait forever)."""
+    """Fill in the default number of workers and check that the cluster can hold them (a local
+    Ray cannot grow: asking for more would wait forever)."""
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
     workers = config.workers
@@ -239,12 +237,12 @@ def _size_workers(ray, config: JobConfig, strict: bool) -> JobConfig:
             workers = max(1, math.floor(gpus / config.gpus_per_worker))
         else:
             workers = max(1, math.floor((cpus - 1) / config.cpus_per_worker))
-    needed_cpus = workers * config.cpus_per_worker + 2 * config.io_cpus
+    needed_cpus = workers * config.cpus_per_worker
     needed_gpus = workers * config.gpus_per_worker
     if needed_cpus > cpus or needed_gpus > gpus:
         message = (
             f"{workers} worker(s) with {config.cpus_per_worker:g} CPU and "
-            f"{config.gpus_per_worker:g} GPU each, plus decoding and upload, need "
+            f"{config.gpus_per_worker:g} GPU each need "
             f"{needed_cpus:g} CPUs and {needed_gpus:g} GPUs; the cluster has {cpus:g} and {gpus:g}"
         )
         if strict:

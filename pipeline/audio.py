@@ -50,18 +50,24 @@ class AudioReader:
         self.rate, self.channels = int(file.samplerate), int(file.channels)
         self.frames = int(file.frames)
 
-    def blocks(self, size: int = _BLOCK) -> Iterator[np.ndarray]:
-        """Consecutive float32 (channels, frames) blocks of at most ``size`` frames."""
-        self._file.seek(0)
-        while True:
+    def blocks(
+        self, size: int = _BLOCK, start: int = 0, stop: int | None = None
+    ) -> Iterator[np.ndarray]:
+        """Consecutive float32 (channels, frames) blocks of at most ``size`` frames, of the
+        frames [start, stop) (the whole input by default)."""
+        self._file.seek(start)
+        remaining = float("inf") if stop is None else stop - start  # None: to the end of file
+        while remaining > 0:
             try:
-                block = self._file.read(size, dtype="float32", always_2d=True)
+                count = int(min(size, remaining))
+                block = self._file.read(count, dtype="float32", always_2d=True)
             except (sf.LibsndfileError, RuntimeError) as error:
                 raise AudioError(f"{self.name}: cannot decode audio ({error})") from None
             if not len(block):
                 return
             if not np.isfinite(block).all():
                 raise AudioError(f"{self.name}: contains NaN or infinite samples")
+            remaining -= len(block)
             yield np.ascontiguousarray(block.T)
 
     def read(self) -> np.ndarray:

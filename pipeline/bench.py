@@ -41,7 +41,14 @@ import torch
 from model import STEMS, CheckpointError, MultiTasNet, load_checkpoint, save_checkpoint
 from model.frozen import frames_multiple
 from pipeline.audio import write_audio
-from pipeline.separator import DEFAULT_BATCH, DEFAULT_CONTEXT, DEFAULT_SEGMENT, Separator
+from pipeline.separator import (
+    DEFAULT_BATCH,
+    DEFAULT_CONTEXT,
+    DEFAULT_SEGMENT,
+    PhaseClock,
+    Separator,
+    keep_freed_memory,
+)
 
 BENCH_RATE = 44100  # sample rate of the benchmark audio (stereo)
 RELEASE_CHUNK_SECONDS = 30  # the release's inference: one chunk per 30 s of audio
@@ -57,7 +64,7 @@ class BenchOptions:
     precision: str = "float32"
     segment: float = DEFAULT_SEGMENT
     context: float = DEFAULT_CONTEXT
-    batch_size: int = DEFAULT_BATCH
+    batch_size: int | None = DEFAULT_BATCH  # None: picked from the device's memory (CUDA)
     engine_only: bool = False  # skip the reference and the agreement (memory scaling runs)
     threads: int | None = None  # torch CPU threads of both timed processes (None: torch's)
 
@@ -121,17 +128,7 @@ def run_bench(model: MultiTasNet, options: BenchOptions) -> dict[str, Any]:
     """Measure the reference and the engine on ``options.seconds`` of :func:`bench_audio`;
     returns the figures (see the module docstring) as a flat dict."""
     audio = bench_audio(options.seconds)
-    results: dict[str, Any] = {
-        "seconds": options.seconds,
-        "device": options.device,
-        "precision": options.precision,
-        "segment": options.segment,
-        "context": options.context,
-        "batch_size": options.batch_size,
-        "threads": options.threads or torch.get_num_threads(),
-        "cpu": _cpu_name(),
-        "torch": torch.__version__,
-    }
+    results = _describe(options)
     with tempfile.TemporaryDirectory(prefix="metasep-bench-") as folder:
         work = Path(folder)
         checkpoint = save_checkpoint(model, work / "model")
@@ -142,6 +139,8 @@ def run_bench(model: MultiTasNet, options: BenchOptions) -> dict[str, Any]:
         results["engine_xrt"] = options.seconds / engine["engine_seconds"]
         if options.engine_only:
             return results
+        results["memory_xrt"] = options.seconds / engine["memory_seconds"]
+        results["network_xrt"] = options.seconds / engine["network_seconds"]
         separator = _separator(checkpoint, options)
         for stage, mix in enumerate(separator.stage_mixes(audio, BENCH_RATE)):
             np.save(work / f"stage{stage}.npy", mix)
@@ -158,6 +157,23 @@ def run_bench(model: MultiTasNet, options: BenchOptions) -> dict[str, Any]:
             stem_agreement(single, np.load(work / "chunked.npy")).values()
         )
     return results
+
+
+def _describe(options: BenchOptions) -> dict[str, Any]:
+    """What every bench result names: the options, the machine and torch."""
+    device = torch.device(options.device)
+    return {
+        "seconds": options.seconds,
+        "device": options.device,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "precision": options.precision,
+        "segment": options.segment,
+        "context": options.context,
+        "batch_size": options.batch_size,
+        "threads": options.threads or torch.get_num_threads(),
+        "cpu": _cpu_name(),
+        "torch": torch.__version__,
+    }
 
 
 def stem_agreement(reference: np.ndarray, estimate: np.ndarray) -> dict[str, float]:
@@ -186,7 +202,9 @@ def _separator(checkpoint: Path, options: BenchOptions) -> Separator:
 def _engine_job(
     checkpoint: Path, source: Path, destination: Path, options: BenchOptions
 ) -> dict[str, Any]:
-    """In a fresh process: separate ``source`` into files; time, memory."""
+    """In a fresh process: separate ``source`` into files (time, memory), then the same with
+    each phase timed, in memory, and the network alone."""
+    keep_freed_memory()
     _set_threads(options)
     separator = _separator(checkpoint, options)
     loaded = _peak_rss_mb()
@@ -198,17 +216,105 @@ def _engine_job(
     started = time.perf_counter()
     separator.separate_file(source, destination)
     seconds = time.perf_counter() - started
-    return {
+    figures = {
         "engine_seconds": seconds,
         "peak_rss_mb": _peak_rss_mb(),
         "model_rss_mb": loaded,
         **_device_peak(separator.device, "engine"),
     }
+    if options.engine_only:
+        return figures
+    separator.clock = PhaseClock(separator.device)
+    separator.separate_file(source, destination)
+    figures.update({f"phase_{name}_s": value for name, value in separator.clock.seconds.items()})
+    separator.clock = None
+    audio = bench_audio(options.seconds)
+    figures["memory_seconds"] = _timed(
+        separator.device, lambda: separator.separate(audio, BENCH_RATE)
+    )
+    figures["network_seconds"] = _network_seconds(separator, audio)
+    return figures
+
+
+def _network_seconds(separator: Separator, audio: np.ndarray) -> float:
+    """Seconds of the network alone over the engine's windows of ``audio``: the stage signals
+    are prepared and on the device beforehand, batches as the engine forms them."""
+    mixes = [
+        torch.from_numpy(m).to(separator.device) for m in separator.stage_mixes(audio, BENCH_RATE)
+    ]
+    plan = separator.windows(mixes[0].shape[-1])
+    items = [(w, c) for w in plan for c in range(audio.shape[0])]
+    size = separator.batch_size or len(items)
+    batches = [
+        [
+            torch.stack(
+                [m[c, 2**i * w.begin : 2**i * w.end] for w, c in items[k : k + size]]
+            ).unsqueeze(1)
+            for i, m in enumerate(mixes)
+        ]
+        for k in range(0, len(items), size)
+    ]
+    return _timed(separator.device, lambda: [separator.network.separate_last(b) for b in batches])
+
+
+def _timed(device: torch.device, work: Any) -> float:
+    _synchronize(device)
+    started = time.perf_counter()
+    work()
+    _synchronize(device)
+    return time.perf_counter() - started
+
+
+def run_throughput(model: MultiTasNet, options: BenchOptions, tracks: int) -> dict[str, Any]:
+    """``tracks`` different files of ``options.seconds`` through the catalog's model stage
+    (:meth:`Separator.separate_files`, as many tracks per call as a catalog worker on this
+    device takes), in this process and without Ray: aggregate real-time factor and, on CUDA,
+    the fraction of the time the device spent in forward passes."""
+    from pipeline.catalog.job import GPU_TRACKS_PER_CALL
+
+    keep_freed_memory()
+    _set_threads(options)
+    results: dict[str, Any] = {**_describe(options), "tracks": tracks}
+    with tempfile.TemporaryDirectory(prefix="metasep-bench-") as folder:
+        work = Path(folder)
+        sources = []
+        for k in range(tracks):
+            sources.append(work / f"track{k}.flac")
+            write_audio(sources[-1], bench_audio(options.seconds, seed=k), BENCH_RATE)
+        separator = _separator(save_checkpoint(model, work / "model"), options)
+        per_call = GPU_TRACKS_PER_CALL if separator.device.type == "cuda" else 1
+        separator.separate(bench_audio(min(options.seconds, 4.0)), BENCH_RATE)  # warm-up
+        separator.forward_events = [] if separator.device.type == "cuda" else None
+        jobs = [(path, work / "stems" / path.stem) for path in sources]
+        _reset_device_peak(separator.device)
+        started = time.perf_counter()
+        for k in range(0, tracks, per_call):
+            failed = [
+                r
+                for r in separator.separate_files(jobs[k : k + per_call])
+                if isinstance(r, Exception)
+            ]
+            if failed:
+                raise failed[0]
+        _synchronize(separator.device)
+        seconds = time.perf_counter() - started
+    results.update(
+        throughput_seconds=seconds,
+        throughput_xrt=tracks * options.seconds / seconds,
+        tracks_per_call=per_call,
+        batch_size_used=separator.batch_size,
+        **_device_peak(separator.device, "throughput"),
+    )
+    if separator.forward_events:
+        busy = sum(a.elapsed_time(b) for a, b in separator.forward_events) / 1000
+        results["gpu_busy_fraction"] = busy / seconds
+    return results
 
 
 def _reference_job(checkpoint: Path, work: Path, options: BenchOptions) -> dict[str, Any]:
     """In a fresh process: the release's chunked inference of each channel in turn (timed), then
     the single-pass output (not timed); both last stages are saved for the agreement."""
+    keep_freed_memory()
     _set_threads(options)
     device = torch.device(options.device)
     model = load_checkpoint(checkpoint).to(device)

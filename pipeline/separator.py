@@ -13,11 +13,21 @@ What :meth:`Separator.separate` does with a (channels, samples) array at any rat
 4. scale the four stems of each channel by least squares so that they sum to the mixture as
    closely as possible, as the release's evaluation does.
 
+One engine for every device. Everything between decoded PCM and finished stems is torch tensors
+on the separator's device: decoded blocks go up once, resampling, normalisation, windows, the
+network, least squares and the stems stay there, and stems come down once (on CUDA through pinned
+buffers, asynchronously, with no per-window synchronisation). The device decides only the
+resampling op: soxr on the CPU (faster there), a windowed-sinc resampler in torch elsewhere
+(:class:`pipeline.audio.TorchResampler`); ``resampler=`` forces one, so the device path is tested
+on CPU tensors too.
+
 Everything streams: the source is read block by block (twice: once for the normalisation
 statistics, once for the windows), stage signals are kept only while a window needs them, and the
 output is produced in time order. :meth:`Separator.separate_file` writes the stems straight to
 files, so a long recording never has to fit in memory; :meth:`Separator.separate` returns arrays
-(the input and four stems of its size are then in memory, nothing else of track size).
+(the input and four stems of its size are then in memory, nothing else of track size);
+:meth:`Separator.separate_many` runs several tracks through shared forward passes (a catalog
+worker's batch of tracks fills the device even when each track is short).
 """
 
 from __future__ import annotations
@@ -31,11 +41,13 @@ import json
 import math
 import platform
 import tempfile
+import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import BinaryIO, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -52,8 +64,9 @@ from pipeline.audio import (
     open_audio,
 )
 
-ENGINE_VERSION = 2  # bump when a change alters the engine's output for the same options
+ENGINE_VERSION = 3  # bump when a change alters the engine's output for the same options
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RESAMPLERS = ("auto", "soxr", "torch")
 SILENCE = 1e-5  # floor of the normalising standard deviation (about -100 dBFS)
 # Window defaults, from `metasep bench` (README): the mask network's GroupNorms take their
 # statistics over the whole window, so agreement with the single pass grows with the window's
@@ -61,9 +74,11 @@ SILENCE = 1e-5  # floor of the normalising standard deviation (about -100 dBFS)
 # TCN's receptive field (~0.95 s each side) and cost 13% extra work.
 DEFAULT_SEGMENT = 30.0  # seconds of output per window
 DEFAULT_CONTEXT = 2.0  # seconds of context on each side of a segment
-DEFAULT_BATCH = 2  # windows (window x channel) per forward: a stereo window's two channels
+DEFAULT_BATCH = 2  # windows (window x channel) per forward on a CPU: a stereo window
+MAX_AUTO_BATCH = 32  # the most windows per forward when the batch is picked from device memory
 _READ_BLOCK = 1 << 17  # source frames per read
 _WRITE_BLOCK = 1 << 17  # frames per block when writing files
+_COPY_DEPTH = 4  # device-to-host copies in flight before the oldest is waited for
 _FLOAT32 = np.dtype(np.float32).itemsize
 
 # Output of separate_file: name -> weights of (drums, bass, other, vocals).
@@ -107,14 +122,115 @@ class _ArraySource:
 
 
 @dataclass
+class _SpanSource:
+    """Frames [first, last) of a file: the excerpt and the context the network reads around it."""
+
+    reader: AudioReader
+    first: int
+    last: int
+
+    @property
+    def name(self) -> str:
+        return self.reader.name
+
+    @property
+    def rate(self) -> int:
+        return self.reader.rate
+
+    @property
+    def channels(self) -> int:
+        return self.reader.channels
+
+    def blocks(self, size: int) -> Iterator[np.ndarray]:
+        return self.reader.blocks(size, start=self.first, stop=self.last)
+
+
+@dataclass
 class _Statistics:
     """What the first pass over a source finds: its length and each stage's normalisation."""
 
     frames: int  # source samples
-    mean: np.ndarray  # (stages, channels)
-    scale: np.ndarray  # (stages, channels): the standard deviation, floored at SILENCE
+    mean: torch.Tensor  # (stages, channels, 1) float32 on the device
+    scale: torch.Tensor  # (stages, channels, 1): the standard deviation, floored at SILENCE
     length: int  # base-rate samples the network runs on (padded up to the window alignment)
     silent: np.ndarray  # (channels,): no signal beyond a constant (silence or DC) in the source
+
+
+@dataclass
+class PhaseClock:
+    """Seconds spent in each phase of the engine, for ``metasep bench``.
+
+    Each phase's time is its own (a phase entered inside another pauses the outer one), and the
+    device is synchronised whenever a phase ends, so that asynchronous GPU work is charged to the
+    phase that queued it. That synchronisation serialises host and device: a separation timed
+    with a clock is slower than one without, and only its proportions are meaningful."""
+
+    device: torch.device
+    seconds: dict[str, float] = field(default_factory=dict)
+    _stack: list[str] = field(default_factory=list)
+    _mark: float = 0.0
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        self._switch()
+        self._stack.append(name)
+        try:
+            yield
+        finally:
+            _synchronize(self.device)
+            self._switch()
+            self._stack.pop()
+
+    def _switch(self) -> None:
+        now = time.perf_counter()
+        if self._stack:
+            top = self._stack[-1]
+            self.seconds[top] = self.seconds.get(top, 0.0) + now - self._mark
+        self._mark = now
+
+
+_NO_PHASE = contextlib.nullcontext()
+
+
+def identify(
+    model: MultiTasNet,
+    precision: str = "float32",
+    segment: float = DEFAULT_SEGMENT,
+    context: float = DEFAULT_CONTEXT,
+) -> tuple[str, str]:
+    """``(model_id, options_hash)`` of a separator over ``model`` with these options, computed
+    without building one: what a catalog run plans with and every worker checks. The options hash
+    covers what changes the output (engine version, precision, window sizes), not the device or
+    the batch size."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
+    segment_frames, context_frames = _window_frames(model, segment, context)
+    options = {
+        "engine": ENGINE_VERSION,
+        "precision": precision,
+        "segment": segment_frames,
+        "context": context_frames,
+        "silence": SILENCE,
+    }
+    return model_fingerprint(model), _digest(json.dumps(options, sort_keys=True).encode())
+
+
+def _window_frames(model: MultiTasNet, segment: float, context: float) -> tuple[int, int]:
+    """Segment and context in base-rate samples, rounded to the network's frame alignment."""
+    if segment <= 0 or context < 0:
+        raise ValueError("segment must be > 0 and context >= 0")
+    align, base = frames_multiple(model), model.config.sampling_rate
+    return max(align, _round_to(segment * base, align)), _round_to(context * base, align)
+
+
+@dataclass(frozen=True)
+class SeparatedFile:
+    """What :meth:`Separator.separate_files` wrote for one source."""
+
+    paths: dict[str, Path]  # output name -> file
+    rate: int
+    channels: int
+    frames: int  # samples per channel of each output
 
 
 class Separator:
@@ -124,7 +240,9 @@ class Separator:
     defaults to CUDA when available. ``precision`` is ``"float32"``, ``"bfloat16"`` or
     ``"float16"`` (the network's matrix products run in it; normalisation statistics stay in
     float32/64). ``segment`` and ``context`` are in seconds; ``batch_size`` counts windows of
-    one channel each.
+    one channel each per forward pass (``None``: 2 on a CPU; on a GPU as many as half its free
+    memory holds, at most ``MAX_AUTO_BATCH``). ``resampler`` picks the resampling op: ``"auto"``
+    (soxr on a CPU, torch elsewhere), ``"soxr"`` or ``"torch"``.
     """
 
     def __init__(
@@ -134,34 +252,31 @@ class Separator:
         precision: str = "float32",
         segment: float = DEFAULT_SEGMENT,
         context: float = DEFAULT_CONTEXT,
-        batch_size: int = DEFAULT_BATCH,
+        batch_size: int | None = DEFAULT_BATCH,
+        resampler: str = "auto",
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("CUDA is not available on this machine; use --device cpu")
         dtype = _dtype(precision, self.device)
-        if segment <= 0 or context < 0 or batch_size < 1:
-            raise ValueError("segment must be > 0, context >= 0 and batch_size >= 1")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        if resampler not in RESAMPLERS:
+            raise ValueError(f"unknown resampler {resampler!r} (use {', '.join(RESAMPLERS)})")
         model = checkpoint if isinstance(checkpoint, MultiTasNet) else load_checkpoint(checkpoint)
-        if self.device.type == "cpu":
-            keep_freed_memory()
         self.config = model.config
-        self.model_id = model_fingerprint(model)
+        self.model_id, self.options_hash = identify(model, precision, segment, context)
+        self.segment, self.context = _window_frames(model, segment, context)
         self.network = FrozenTasNet(model, dtype).to(self.device).eval()
-        self.precision, self.batch_size = precision, batch_size
+        self.precision = precision
+        self.batch_size = batch_size or (DEFAULT_BATCH if self.device.type == "cpu" else None)
+        self.resampler = resampler
+        if resampler == "auto":
+            self.resampler = "soxr" if self.device.type == "cpu" else "torch"
         self.stage_rates = self.config.stage_rates()
         self.align = frames_multiple(model)
-        base = self.config.sampling_rate
-        self.segment = max(self.align, _round_to(segment * base, self.align))
-        self.context = _round_to(context * base, self.align)
-        options = {
-            "engine": ENGINE_VERSION,
-            "precision": precision,
-            "segment": self.segment,
-            "context": self.context,
-            "silence": SILENCE,
-        }
-        self.options_hash = _digest(json.dumps(options, sort_keys=True).encode())
+        self.clock: PhaseClock | None = None  # set by the benchmark to time each phase
+        self.forward_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
 
     # ----------------------------------------------------------------------------------------
     # Public entry points
@@ -178,84 +293,136 @@ class Separator:
         ``progress`` shows a bar; ``callback(done, total)`` is told the count of finished
         (window, channel) items before the first forward pass and after each one. An exception
         raised by the callback stops the separation (how a server cancels a job)."""
-        audio = _checked(audio, sample_rate)
-        channels, frames = audio.shape
-        stems = [np.zeros((channels, frames), dtype=np.float32) for _ in STEMS]
+        (result,) = self._run(
+            [_ArraySource(_checked(audio, sample_rate), sample_rate)],
+            progress,
+            callback,
+            strict=True,
+        )
+        return result
 
-        def store(offset: int, block: np.ndarray) -> None:
-            for stem, part in zip(stems, block.transpose(1, 0, 2), strict=True):
-                stem[:, offset : offset + part.shape[-1]] = part
+    def separate_many(
+        self, tracks: Sequence[tuple[np.ndarray, int]], progress: bool = False
+    ) -> list[dict[str, np.ndarray] | Exception]:
+        """Stems of several (audio, sample_rate) tracks, whose windows share forward passes.
 
-        source = _ArraySource(audio, sample_rate)
-        coefficients = self._separate(source, store, progress, callback)
-        for k, stem in enumerate(stems):
-            stem *= coefficients[:, k : k + 1].astype(np.float32)
-        return dict(zip(STEMS, stems, strict=True))
+        Returns one entry per track, in order: its stems as :meth:`separate` gives them, or the
+        exception that stopped that track (unusable audio, a failed forward pass); the other
+        tracks go on."""
+        sources: list[_Source | Exception] = []
+        for index, (audio, rate) in enumerate(tracks):
+            try:
+                sources.append(_ArraySource(_checked(audio, rate), rate, f"track {index}"))
+            except AudioError as error:
+                sources.append(error)
+        return self._run(sources, progress, None, strict=False)
 
     def separate_file(
         self,
-        path: str | Path,
+        path: str | Path | BinaryIO,
         destination: str | Path,
         outputs: Mixes | None = None,
         format: str = "flac",
         progress: bool = False,
         callback: WindowCallback | None = None,
+        start: float = 0.0,
+        duration: float | None = None,
     ) -> dict[str, Path]:
         """Separate an audio file into ``destination/<name>.<format>`` files; returns their paths.
 
         ``outputs`` maps each file name to the weights of (drums, bass, other, vocals) it mixes,
-        by default the four stems. The unscaled stems go to an anonymous temporary file in
-        ``destination``; each output is written under a temporary name and renamed when done.
-        ``progress`` and ``callback`` are as in :meth:`separate`.
+        by default the four stems. ``start`` and ``duration`` (seconds) choose an excerpt: the
+        files cover exactly it, and the network still reads context around it (at least the
+        window context on each side, and a whole window when the file has one). The unscaled
+        stems go to an anonymous temporary file in ``destination``; each output is written under
+        a temporary name and renamed when done. ``progress`` and ``callback`` are as in
+        :meth:`separate`.
         """
-        if format not in FORMATS:
-            raise ValueError(f"unknown audio format {format!r} (use {' or '.join(FORMATS)})")
-        outputs = dict(outputs or FOUR_STEMS)
-        weights = np.array([list(w) for w in outputs.values()], dtype=np.float64).T  # (4, outputs)
-        if weights.shape[0] != len(STEMS):
-            raise ValueError(f"each output needs {len(STEMS)} weights, one per stem")
-        destination = Path(destination)
-        with open_audio(path) as reader, _folder(destination) as folder:
-            paths = self._separate_reader(
-                reader, folder, outputs, weights, format, progress, callback
+        weights = _output_weights(outputs, format)
+        with open_audio(path) as reader:
+            first, stop = _excerpt(reader.frames, reader.rate, start, duration, reader.name)
+            source = self._excerpt_source(reader, first, stop)
+            keep = (first - source.first, stop - source.first)
+            (result,) = self._to_files(
+                [source], [Path(destination)], [keep], weights, format, progress, callback, True
             )
-        return paths
+        return result.paths
 
-    def _separate_reader(
+    def separate_files(
         self,
-        reader: AudioReader,
-        destination: Path,
-        outputs: Mixes,
-        weights: np.ndarray,
+        jobs: Sequence[tuple[str | Path | BinaryIO, str | Path]],
+        outputs: Mixes | None = None,
+        format: str = "flac",
+        progress: bool = False,
+    ) -> list[SeparatedFile | Exception]:
+        """Separate several (source, destination folder) pairs as :meth:`separate_file` does,
+        their windows sharing forward passes, all streamed (memory does not grow with any
+        track's length). One entry per pair, in order: what was written, or the exception that
+        stopped that track (the others go on; its folder is removed if it made it)."""
+        weights = _output_weights(outputs, format)
+        with contextlib.ExitStack() as stack:
+            sources: list[_Source | Exception] = []
+            for source, _ in jobs:
+                try:
+                    reader = stack.enter_context(open_audio(source))
+                    sources.append(_SpanSource(reader, 0, reader.frames))
+                except (AudioError, OSError) as error:
+                    sources.append(error)
+            folders = [Path(destination) for _, destination in jobs]
+            keeps = [
+                (0, s.reader.frames) if isinstance(s, _SpanSource) else (0, 0) for s in sources
+            ]
+            return self._to_files(sources, folders, keeps, weights, format, progress, None, False)
+
+    def _to_files(
+        self,
+        sources: Sequence[_Source | Exception],
+        folders: Sequence[Path],
+        keeps: Sequence[tuple[int, int]],
+        weights: dict[str, np.ndarray],
         format: str,
         progress: bool,
         callback: WindowCallback | None,
-    ) -> dict[str, Path]:
-        """:meth:`separate_file` on an open reader, into an existing folder."""
-        with tempfile.TemporaryFile(dir=destination) as spool:
-            channels = reader.channels
+        strict: bool,
+    ) -> list[SeparatedFile | Exception]:
+        """Stems of each source spooled in its folder, then encoded there (see separate_files)."""
+        with contextlib.ExitStack() as stack:
+            sinks: list[_Sink | None] = []
+            for source, folder, keep in zip(sources, folders, keeps, strict=True):
+                if isinstance(source, Exception):
+                    sinks.append(None)
+                    continue
+                stack.enter_context(_folder(folder))
+                spool = stack.enter_context(tempfile.TemporaryFile(dir=folder))
+                sinks.append(_SpoolSink(spool, source.channels, self.device, keep))
+            spooled = self._run(sources, progress, callback, strict, sinks)
+            results: list[SeparatedFile | Exception] = []
+            for source, folder, sink in zip(sources, folders, spooled, strict=True):
+                if isinstance(sink, Exception):
+                    results.append(sink)
+                    continue
+                try:
+                    paths = self._encode(sink, folder, weights, format, source.rate)
+                except Exception as error:
+                    if strict:
+                        raise
+                    results.append(error)
+                    continue
+                frames = sink.keep[1] - sink.keep[0]
+                results.append(SeparatedFile(paths, source.rate, source.channels, frames))
+        for result, folder in zip(results, folders, strict=True):
+            if isinstance(result, Exception) and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        return results
 
-            def store(offset: int, block: np.ndarray) -> None:
-                spool.write(np.ascontiguousarray(block.transpose(2, 0, 1)).tobytes())
-
-            coefficients = self._separate(reader, store, progress, callback)
-            spool.seek(0)
-            mixing = _block_diagonal(coefficients[:, :, None] * weights[None])
-            paths = {name: destination / f"{name}.{format}" for name in outputs}
-            with contextlib.ExitStack() as stack:
-                writers = [
-                    stack.enter_context(AudioWriter(p, reader.rate, channels, format))
-                    for p in paths.values()
-                ]
-                # The encoders run in threads (libsndfile releases the GIL): FLAC encoding of
-                # four stems was a sixth of a small model's time on one core.
-                encoders = stack.enter_context(ThreadPoolExecutor(len(writers)))
-                while chunk := spool.read(_WRITE_BLOCK * channels * len(STEMS) * _FLOAT32):
-                    block = np.frombuffer(chunk, dtype=np.float32).reshape(-1, channels * 4)
-                    mixed = (block @ mixing).reshape(len(block), channels, len(outputs))
-                    parts = [np.ascontiguousarray(out).T for out in mixed.transpose(2, 0, 1)]
-                    list(encoders.map(AudioWriter.write, writers, parts))
-        return paths
+    def _excerpt_source(self, reader: AudioReader, first: int, stop: int) -> _SpanSource:
+        """The frames the network reads for the excerpt [first, stop): at least the context on
+        each side and at least one whole window (as in a whole-file separation, whose windows'
+        GroupNorms take statistics over that long), as far as the file reaches."""
+        ratio = reader.rate / self.config.sampling_rate
+        window = math.ceil((self.segment + 2 * self.context) * ratio)
+        margin = max(math.ceil(self.context * ratio), -(-(window - (stop - first)) // 2))
+        return _SpanSource(reader, max(0, first - margin), min(reader.frames, stop + margin))
 
     # ----------------------------------------------------------------------------------------
     # Measurement helpers (the benchmark compares these with the model's own paths)
@@ -264,16 +431,22 @@ class Separator:
         """The normalised per-stage signals (channels, length * 2**i) the network is given."""
         source = _ArraySource(_checked(audio, sample_rate), sample_rate)
         statistics = self._statistics(source)
-        feed = _StageFeed(source, self.stage_rates, statistics)
+        feed = _StageFeed(self, source, statistics)
         feed.ensure(statistics.length)
-        return [feed.window(None, 0, statistics.length, stage) for stage in range(len(feed))]
+        return [
+            feed.window(None, 0, statistics.length, stage).cpu().numpy()
+            for stage in range(len(self.stage_rates))
+        ]
 
     def last_stage(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
         """The windowed network output at the last stage's rate, (channels, 4, length * 2**s),
         before resampling and scaling."""
         source = _ArraySource(_checked(audio, sample_rate), sample_rate)
-        statistics = self._statistics(source)
-        return np.concatenate(list(self._windowed(source, statistics, progress=False)), axis=-1)
+        track = _Track(self, source, _DiscardSink())
+        segments: list[torch.Tensor] = []
+        track.on_window = segments.append
+        self._schedule([track], progress=False, callback=None)
+        return torch.cat(segments, dim=-1).cpu().numpy()
 
     def windows(self, length: int) -> list[Window]:
         """The window plan for a base-rate length."""
@@ -282,152 +455,432 @@ class Separator:
     # ----------------------------------------------------------------------------------------
     # The engine
 
-    def _separate(
+    def _phase(self, name: str) -> contextlib.AbstractContextManager:
+        return self.clock.phase(name) if self.clock is not None else _NO_PHASE
+
+    def _run(
         self,
-        source: _Source,
-        store: Callable[[int, np.ndarray], None],
+        sources: Sequence[_Source | Exception],
         progress: bool,
-        callback: WindowCallback | None = None,
-    ) -> np.ndarray:
-        """Stream the stems of ``source`` at its rate to ``store(offset, (channels, 4, n))``;
-        return the least-squares coefficients (channels, 4) that make them sum to the mix."""
-        statistics = self._statistics(source)
-        channels, frames = source.channels, statistics.frames
-        back = StreamResampler(self.config.top_rate, source.rate, channels * len(STEMS))
-        feed_mix = _MixtureBuffer()
-        gram = np.zeros((channels, len(STEMS), len(STEMS)))
-        target = np.zeros((channels, len(STEMS)))
-        written = 0
+        callback: WindowCallback | None,
+        strict: bool,
+        sinks: Sequence[_Sink] | None = None,
+    ) -> list:
+        """Separate ``sources`` through shared forward passes; each result is its sink's output
+        (stems for arrays) or, unless ``strict``, the exception that stopped that source."""
+        tracks: list[_Track | Exception] = []
+        for index, source in enumerate(sources):
+            if isinstance(source, Exception):
+                tracks.append(source)
+                continue
+            sink = sinks[index] if sinks is not None else _ArraySink(source, self.device)
+            try:
+                tracks.append(_Track(self, source, sink))
+            except Exception as error:
+                if strict:
+                    raise
+                tracks.append(error)
+        running = [track for track in tracks if isinstance(track, _Track)]
+        self._schedule(running, progress, callback, strict)
+        results = []
+        for track in tracks:
+            if isinstance(track, _Track) and track.error is None:
+                try:
+                    results.append(track.finish())
+                except Exception as error:
+                    if strict:
+                        raise
+                    results.append(error)
+            else:
+                results.append(track if isinstance(track, Exception) else track.error)
+        return results
 
-        def emit(block: np.ndarray) -> None:
-            nonlocal written, gram, target
-            block = block[:, : frames - written].reshape(channels, len(STEMS), -1)
-            if not block.shape[-1]:
-                return
-            mix = feed_mix.take(written, written + block.shape[-1]).astype(np.float64)
-            stems = block.astype(np.float64)
-            gram += stems @ stems.transpose(0, 2, 1)  # BLAS; einsum took longer than the network
-            target += (stems @ mix[:, :, None])[..., 0]
-            store(written, block)
-            written += block.shape[-1]
+    def _schedule(
+        self,
+        tracks: Sequence[_Track],
+        progress: bool,
+        callback: WindowCallback | None,
+        strict: bool = True,
+    ) -> None:
+        """Run every (window, channel) item of ``tracks`` through the network, ``batch_size``
+        at a time; items of consecutive tracks share a batch when their windows are as long."""
+        total = sum(track.item_count for track in tracks)
+        done = 0
+        if callback is not None:
+            callback(done, total)
+        batch: list[_Item] = []
+        name = tracks[0].source.name if len(tracks) == 1 else f"{len(tracks)} tracks"
+        with tqdm(total=total, disable=not progress, unit="window", leave=False, desc=name) as bar:
 
-        for top in self._windowed(source, statistics, progress, feed_mix, callback):
-            emit(back.push(top.reshape(channels * len(STEMS), -1)))
-        emit(back.push(np.zeros((channels * len(STEMS), 0), np.float32), last=True))
-        if written < frames:  # the resampler came up a few samples short
-            emit(np.zeros((channels * len(STEMS), frames - written), np.float32))
-        coefficients = least_squares(gram, target)
-        # A channel without any signal beyond a constant (silence, DC) has nothing to separate:
-        # fitting the network's output to the offset would invent stems.
-        coefficients[statistics.silent] = 0
-        return coefficients
+            def flush() -> None:
+                nonlocal done
+                self._forward(batch, strict)
+                bar.update(len(batch))
+                done += len(batch)
+                batch.clear()
+                if callback is not None:
+                    callback(done, total)
+
+            for track in tracks:
+                for item in track.items(strict):
+                    full = len(batch) == (self.batch_size or MAX_AUTO_BATCH)
+                    if batch and (full or item.size != batch[0].size):
+                        flush()
+                    batch.append(item)
+            if batch:
+                flush()
+
+    def _forward(self, batch: list[_Item], strict: bool) -> None:
+        """One forward pass over ``batch``; each item's output goes back to its track."""
+        live = [item for item in batch if item.track.error is None]
+        if not live:
+            return
+        if self.batch_size is None:
+            self.batch_size = self._auto_batch(live[0])
+        try:
+            with self._phase("network"):
+                inputs = [
+                    torch.stack([item.inputs[stage] for item in live]).unsqueeze(1)
+                    for stage in range(len(self.stage_rates))
+                ]
+                events = self._record_start()
+                stems = self.network.separate_last(inputs)[:, :, 0]
+                self._record_end(events)
+        except Exception as error:
+            if strict:
+                raise
+            for track in {id(item.track): item.track for item in live}.values():
+                track.error = error
+            return
+        for item, output in zip(live, stems, strict=True):
+            item.track.deliver(item, output)
+
+    def _auto_batch(self, item: _Item) -> int:
+        """Windows per forward that fit in half the device's free memory, from one window's
+        measured peak (CUDA); 2 elsewhere."""
+        if self.device.type != "cuda":
+            return DEFAULT_BATCH
+        torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        inputs = [x.unsqueeze(0).unsqueeze(1) for x in item.inputs]
+        self.network.separate_last(inputs)
+        per_window = max(1, torch.cuda.max_memory_allocated(self.device) - before)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return max(1, min(MAX_AUTO_BATCH, int(0.5 * free // per_window)))
+
+    def _record_start(self) -> torch.cuda.Event | None:
+        if self.forward_events is None or self.device.type != "cuda":
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _record_end(self, started: torch.cuda.Event | None) -> None:
+        if started is not None:
+            ended = torch.cuda.Event(enable_timing=True)
+            ended.record()
+            self.forward_events.append((started, ended))
 
     def _statistics(self, source: _Source) -> _Statistics:
         """First pass: the source's length and each stage signal's mean and deviation."""
         channels = source.channels
-        resamplers = [StreamResampler(source.rate, rate, channels) for rate in self.stage_rates]
-        sums = np.zeros((len(resamplers), channels, 3))  # count, sum, sum of squares
+        resamplers = [self._resampler(source.rate, rate, channels) for rate in self.stage_rates]
+        sums = torch.zeros(len(resamplers), 3, channels, dtype=torch.float64, device=self.device)
+        low = torch.full((channels,), math.inf, device=self.device)
+        high = torch.full((channels,), -math.inf, device=self.device)
         frames = 0
-        empty = np.zeros((channels, 0), np.float32)
-        low, high = np.full(channels, np.inf), np.full(channels, -np.inf)
-        for block in itertools.chain(source.blocks(_READ_BLOCK), [None]):
-            if block is not None and block.shape[1]:
-                frames += block.shape[1]
-                low, high = np.minimum(low, block.min(1)), np.maximum(high, block.max(1))
-            for i, resampler in enumerate(resamplers):
-                part = resampler.push(empty if block is None else block, last=block is None)
-                part = part.astype(np.float64)
-                sums[i] += np.stack(
-                    [np.full(channels, part.shape[1]), part.sum(1), (part**2).sum(1)], 1
-                )
+        empty = torch.zeros(channels, 0, device=self.device)
+        for block in itertools.chain(self._upload(source), [None]):
+            with self._phase("resample_in"):
+                if block is not None and block.shape[1]:
+                    frames += block.shape[1]
+                    low = torch.minimum(low, block.amin(1))
+                    high = torch.maximum(high, block.amax(1))
+                for i, resampler in enumerate(resamplers):
+                    part = resampler(empty if block is None else block, block is None).double()
+                    sums[i, 0] += part.shape[1]
+                    sums[i, 1] += part.sum(1)
+                    sums[i, 2] += (part * part).sum(1)
         if frames == 0:
             raise AudioError(f"{source.name}: no audio samples (zero-length)")
-        count = np.maximum(sums[..., 0], 1)
-        mean = sums[..., 1] / count
-        variance = np.maximum(sums[..., 2] / count - mean**2, 0)
-        scale = np.maximum(np.sqrt(variance), SILENCE)
+        count = sums[:, 0].clamp(min=1)
+        mean = sums[:, 1] / count
+        variance = (sums[:, 2] / count - mean**2).clamp(min=0)
+        scale = variance.sqrt().clamp(min=SILENCE)
         base = self.config.sampling_rate
         length = _round_up(math.ceil(frames * base / source.rate), self.align)
-        silent = high - low <= SILENCE  # constant within -100 dBFS
+        silent = ((high - low) <= SILENCE).cpu().numpy()  # constant within -100 dBFS
         return _Statistics(
-            frames, mean.astype(np.float32), scale.astype(np.float32), length, silent
+            frames, mean.float()[..., None], scale.float()[..., None], length, silent
         )
 
-    def _windowed(
-        self,
-        source: _Source,
-        statistics: _Statistics,
-        progress: bool,
-        mixture: _MixtureBuffer | None = None,
-        callback: WindowCallback | None = None,
-    ) -> Iterator[np.ndarray]:
-        """Second pass: the last stage's output (channels, 4, n) segment by segment, in order."""
-        channels = source.channels
-        plan = self.windows(statistics.length)
-        feed = _StageFeed(source, self.stage_rates, statistics, mixture)
-        items = [(w, c) for w in range(len(plan)) for c in range(channels)]
-        pending: dict[int, list[np.ndarray | None]] = {}
-        ready = 0
-        top = 2 ** (len(self.stage_rates) - 1)
-        with tqdm(
-            total=len(items), disable=not progress, unit="window", leave=False, desc=source.name
-        ) as bar:
-            done = 0
-            if callback is not None:
-                callback(done, len(items))
-            for batch in _chunks(items, self.batch_size):
-                windows = [plan[w] for w, _ in batch]
-                feed.ensure(max(window.end for window in windows))
-                feed.release(min(window.begin for window in windows))
-                inputs = [
-                    np.stack([feed.window(c, plan[w].begin, plan[w].end, stage) for w, c in batch])
-                    for stage in range(len(self.stage_rates))
-                ]
-                outputs = self._forward(inputs)
-                for (w, c), window, stems in zip(batch, windows, outputs, strict=True):
-                    segment = slice(
-                        top * (window.start - window.begin), top * (window.stop - window.begin)
-                    )
-                    pending.setdefault(w, [None] * channels)[c] = stems[:, segment]
-                bar.update(len(batch))
-                done += len(batch)
-                if callback is not None:
-                    callback(done, len(items))
-                while ready in pending and all(part is not None for part in pending[ready]):
-                    yield np.stack(pending.pop(ready))
-                    ready += 1
+    def _upload(self, source: _Source) -> Iterator[torch.Tensor]:
+        """The source's blocks as float32 tensors on the device (pinned, asynchronous copies)."""
+        blocks = source.blocks(_READ_BLOCK)
+        while True:
+            with self._phase("decode"):
+                block = next(blocks, None)
+                if block is None:
+                    return
+                tensor = torch.from_numpy(np.ascontiguousarray(block, dtype=np.float32))
+                if self.device.type == "cuda":
+                    tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+            yield tensor
 
-    def _forward(self, inputs: list[np.ndarray]) -> np.ndarray:
-        """The network's last-stage stems (batch, 4, n) of per-stage mono inputs (batch, n_i)."""
-        tensors = [torch.from_numpy(x).unsqueeze(1) for x in inputs]
-        if self.device.type == "cuda":
-            tensors = [t.pin_memory().to(self.device, non_blocking=True) for t in tensors]
-        else:
-            tensors = [t.to(self.device) for t in tensors]
-        stems = self.network.separate_last(tensors)[:, :, 0].float().cpu().numpy()
-        if not np.isfinite(stems).all():
+    def _resampler(
+        self, from_rate: int, to_rate: int, channels: int
+    ) -> Callable[[torch.Tensor, bool], torch.Tensor]:
+        """``resample(block, last)`` of consecutive (channels, n) device blocks as one signal:
+        soxr through zero-copy numpy views on a CPU, or the torch resampler on the device."""
+        if self.resampler == "torch":
+            from pipeline.audio import TorchResampler
+
+            return TorchResampler(from_rate, to_rate, channels, self.device).push
+        stream = StreamResampler(from_rate, to_rate, channels)
+
+        def resample(block: torch.Tensor, last: bool = False) -> torch.Tensor:
+            on_host = block.cpu().numpy()
+            return torch.from_numpy(stream.push(on_host, last)).to(self.device)
+
+        return resample
+
+    def _encode(
+        self,
+        sink: _SpoolSink,
+        destination: Path,
+        weights: dict[str, np.ndarray],
+        format: str,
+        rate: int,
+    ) -> dict[str, Path]:
+        """Mix the spooled stems into the output files (scaled by the least-squares weights)."""
+        spool, channels = sink.spool, sink.channels
+        matrix = np.stack(list(weights.values()), axis=1)  # (4, outputs)
+        mixing = _block_diagonal(sink.coefficients[:, :, None] * matrix[None])
+        paths = {name: destination / f"{name}.{format}" for name in weights}
+        with self._phase("encode"), contextlib.ExitStack() as stack:
+            writers = [
+                stack.enter_context(AudioWriter(p, rate, channels, format)) for p in paths.values()
+            ]
+            # The encoders run in threads (libsndfile releases the GIL): FLAC encoding of four
+            # stems was a sixth of a small model's time on one core.
+            encoders = stack.enter_context(ThreadPoolExecutor(len(writers)))
+            spool.seek(0)
+            while chunk := spool.read(_WRITE_BLOCK * channels * len(STEMS) * _FLOAT32):
+                block = np.frombuffer(chunk, dtype=np.float32).reshape(-1, channels * 4)
+                mixed = (block @ mixing).reshape(len(block), channels, len(paths))
+                parts = [np.ascontiguousarray(out).T for out in mixed.transpose(2, 0, 1)]
+                list(encoders.map(AudioWriter.write, writers, parts))
+        return paths
+
+
+class _Item:
+    """One (window, channel) of a track: its per-stage network inputs, views of the feed."""
+
+    __slots__ = ("channel", "inputs", "track", "window")
+
+    def __init__(self, track: _Track, window: int, channel: int, inputs: list[torch.Tensor]):
+        self.track, self.window, self.channel, self.inputs = track, window, channel, inputs
+
+    @property
+    def size(self) -> int:
+        return self.inputs[0].shape[-1]
+
+
+class _Sink(Protocol):
+    def store(self, offset: int, block: torch.Tensor) -> None: ...
+
+    def finish(self, coefficients: np.ndarray) -> object: ...
+
+
+class _Track:
+    """One source in the engine: the window items it feeds and what becomes of their outputs.
+
+    Building one reads the source once for its statistics. :meth:`items` reads it again as the
+    windows need it; :meth:`deliver` takes each item's network output; when all channels of the
+    next window in time order are in, the window's segment is resampled back to the source rate,
+    added to the least-squares sums and stored; :meth:`finish` flushes the resampler and returns
+    what the sink makes of the scaled stems."""
+
+    def __init__(self, engine: Separator, source: _Source, sink: _Sink) -> None:
+        self.engine, self.source, self.sink = engine, source, sink
+        self.statistics = engine._statistics(source)
+        self.plan = engine.windows(self.statistics.length)
+        self.channels = source.channels
+        self.item_count = len(self.plan) * self.channels
+        self.error: Exception | None = None
+        self.on_window: Callable[[torch.Tensor], None] | None = None
+        self._mixture = _MixtureBuffer()
+        self._feed = _StageFeed(engine, source, self.statistics, self._mixture)
+        stems = self.channels * len(STEMS)
+        self._back = engine._resampler(engine.config.top_rate, source.rate, stems)
+        self._top = 2 ** (len(engine.stage_rates) - 1)
+        self._pending: dict[int, list[torch.Tensor | None]] = {}
+        self._ready = 0  # the next window in time order
+        shape = (self.channels, len(STEMS))
+        self._gram = torch.zeros(*shape, len(STEMS), dtype=torch.float64, device=engine.device)
+        self._target = torch.zeros(*shape, dtype=torch.float64, device=engine.device)
+        self._written = 0
+
+    def items(self, strict: bool = True) -> Iterator[_Item]:
+        """The track's items in time order; reading fails the track (or raises if ``strict``)."""
+        stages = range(len(self.engine.stage_rates))
+        try:
+            for index, window in enumerate(self.plan):
+                with self.engine._phase("resample_in"):
+                    self._feed.ensure(window.end)
+                    self._feed.release(window.begin)
+                for channel in range(self.channels):
+                    inputs = [
+                        self._feed.window(channel, window.begin, window.end, stage)
+                        for stage in stages
+                    ]
+                    yield _Item(self, index, channel, inputs)
+        except Exception as error:
+            if strict:
+                raise
+            self.error = error
+
+    def deliver(self, item: _Item, stems: torch.Tensor) -> None:
+        """Take one item's last-stage output (4, n)."""
+        window = self.plan[item.window]
+        keep = slice(
+            self._top * (window.start - window.begin), self._top * (window.stop - window.begin)
+        )
+        self._pending.setdefault(item.window, [None] * self.channels)[item.channel] = stems[:, keep]
+        while self._ready in self._pending and all(
+            part is not None for part in self._pending[self._ready]
+        ):
+            self._window_done(torch.stack(self._pending.pop(self._ready)))
+            self._ready += 1
+
+    def finish(self) -> object:
+        """Flush, solve the least squares and hand the coefficients to the sink."""
+        frames = self.statistics.frames
+        with self.engine._phase("resample_out"):
+            empty = torch.zeros(self.channels * len(STEMS), 0, device=self.engine.device)
+            self._emit(self._back(empty, True))
+            if self._written < frames:  # the resampler came up a few samples short
+                self._emit(empty.new_zeros(empty.shape[0], frames - self._written))
+            gram, target = self._gram.cpu().numpy(), self._target.cpu().numpy()
+        if not (np.isfinite(gram).all() and np.isfinite(target).all()):
+            precision = self.engine.precision
             raise FloatingPointError(
-                f"the network produced non-finite values at {self.precision} precision"
-                + ("; use float32" if self.precision != "float32" else "")
+                f"{self.source.name}: the network produced non-finite values at {precision} "
+                f"precision" + ("; use float32" if precision != "float32" else "")
             )
-        return stems
+        coefficients = least_squares(gram, target)
+        # A channel without any signal beyond a constant (silence, DC) has nothing to separate:
+        # fitting the network's output to the offset would invent stems.
+        coefficients[self.statistics.silent] = 0
+        return self.sink.finish(coefficients)
+
+    def _window_done(self, top: torch.Tensor) -> None:
+        """A window's segment of all channels (channels, 4, n) at the last stage's rate."""
+        if self.on_window is not None:
+            self.on_window(top)
+            return
+        with self.engine._phase("resample_out"):
+            self._emit(self._back(top.reshape(self.channels * len(STEMS), -1), False))
+
+    def _emit(self, block: torch.Tensor) -> None:
+        """Source-rate stems (channels * 4, n): least-squares sums, then the sink."""
+        block = block[:, : self.statistics.frames - self._written]
+        block = block.reshape(self.channels, len(STEMS), -1)
+        count = block.shape[-1]
+        if not count:
+            return
+        mix = self._mixture.take(self._written, self._written + count).double()
+        stems = block.double()
+        self._gram += stems @ stems.transpose(1, 2)
+        self._target += (stems @ mix.unsqueeze(-1))[..., 0]
+        self.sink.store(self._written, block)
+        self._written += count
+
+
+class _ArraySink:
+    """Unscaled stems into one host array (4, channels, frames), pinned on CUDA so that every
+    window's copy is asynchronous; scaled once at the end."""
+
+    def __init__(self, source: _ArraySource, device: torch.device) -> None:
+        self.device = device
+        shape = (len(STEMS), *source.audio.shape)
+        self.stems = torch.empty(shape, pin_memory=device.type == "cuda")
+
+    def store(self, offset: int, block: torch.Tensor) -> None:
+        target = self.stems[:, :, offset : offset + block.shape[-1]]
+        target.copy_(block.transpose(0, 1), non_blocking=True)
+
+    def finish(self, coefficients: np.ndarray) -> dict[str, np.ndarray]:
+        _synchronize(self.device)
+        stems = self.stems.numpy()
+        for k, stem in enumerate(stems):
+            stem *= coefficients[:, k : k + 1].astype(np.float32)
+        return dict(zip(STEMS, stems, strict=True))
+
+
+class _SpoolSink:
+    """Unscaled stems, frames [keep) of the source, to a spool file as interleaved float32
+    (frames, channels, 4). On CUDA, blocks come down through pinned buffers whose copies are
+    waited for only when ``_COPY_DEPTH`` are in flight, so the device never waits on the disk."""
+
+    def __init__(
+        self, spool: BinaryIO, channels: int, device: torch.device, keep: tuple[int, int]
+    ) -> None:
+        self.spool, self.channels, self.device, self.keep = spool, channels, device, keep
+        self.coefficients = np.zeros((channels, len(STEMS)))
+        self._in_flight: deque[tuple[torch.cuda.Event, torch.Tensor]] = deque()
+
+    def store(self, offset: int, block: torch.Tensor) -> None:
+        first, stop = max(offset, self.keep[0]), min(offset + block.shape[-1], self.keep[1])
+        if first >= stop:
+            return
+        frames = block[:, :, first - offset : stop - offset].permute(2, 0, 1)
+        if self.device.type != "cuda":
+            self.spool.write(frames.contiguous().numpy())
+            return
+        staging = torch.empty(frames.shape, pin_memory=True)
+        staging.copy_(frames, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._in_flight.append((event, staging))
+        self._drain(_COPY_DEPTH)
+
+    def finish(self, coefficients: np.ndarray) -> _SpoolSink:
+        self._drain(0)
+        self.coefficients = coefficients
+        return self
+
+    def _drain(self, depth: int) -> None:
+        while self._in_flight and (len(self._in_flight) > depth or self._in_flight[0][0].query()):
+            event, staging = self._in_flight.popleft()
+            event.synchronize()
+            self.spool.write(staging.numpy())
+
+
+class _DiscardSink:
+    def store(self, offset: int, block: torch.Tensor) -> None:
+        pass
+
+    def finish(self, coefficients: np.ndarray) -> None:
+        return None
 
 
 class _MixtureBuffer:
     """Source-rate blocks kept from when they are read until the output has reached them."""
 
     def __init__(self) -> None:
-        self._blocks: list[np.ndarray] = []
+        self._blocks: list[torch.Tensor] = []
         self._offset = 0  # source sample index of the first kept sample
 
-    def append(self, block: np.ndarray) -> None:
+    def append(self, block: torch.Tensor) -> None:
         self._blocks.append(block)
 
-    def take(self, start: int, stop: int) -> np.ndarray:
+    def take(self, start: int, stop: int) -> torch.Tensor:
         """Samples [start, stop); everything before ``stop`` is dropped afterwards."""
         if not self._blocks:
             raise RuntimeError("internal error: mixture requested before it was read")
-        data = np.concatenate(self._blocks, axis=1) if len(self._blocks) > 1 else self._blocks[0]
+        data = torch.cat(self._blocks, dim=1) if len(self._blocks) > 1 else self._blocks[0]
         if start < self._offset or stop - self._offset > data.shape[1]:
             raise RuntimeError("internal error: mixture requested outside the kept span")
         part = data[:, start - self._offset : stop - self._offset]
@@ -437,26 +890,26 @@ class _MixtureBuffer:
 
 
 class _StageFeed:
-    """The normalised per-stage signals of a source, produced as windows need them and dropped
-    when no window needs them any more."""
+    """The normalised per-stage signals of a source on the device, produced as windows need them
+    and dropped when no window needs them any more."""
 
     def __init__(
         self,
+        engine: Separator,
         source: _Source,
-        rates: Sequence[int],
         statistics: _Statistics,
         mixture: _MixtureBuffer | None = None,
     ) -> None:
-        self._blocks = source.blocks(_READ_BLOCK)
+        self._blocks = engine._upload(source)
         self._channels = source.channels
-        self._resamplers = [StreamResampler(source.rate, rate, source.channels) for rate in rates]
+        self._resamplers = [
+            engine._resampler(source.rate, rate, source.channels) for rate in engine.stage_rates
+        ]
         self._statistics, self._mixture = statistics, mixture
-        self._buffers = [np.zeros((source.channels, 0), np.float32) for _ in rates]
-        self._offsets = [0] * len(rates)  # stage sample index of each buffer's first sample
+        self._empty = torch.zeros(source.channels, 0, device=engine.device)
+        self._buffers = [self._empty for _ in engine.stage_rates]
+        self._offsets = [0] * len(engine.stage_rates)  # stage index of each buffer's first sample
         self._exhausted = False
-
-    def __len__(self) -> int:
-        return len(self._buffers)
 
     def ensure(self, end: int) -> None:
         """Make base-rate samples up to ``end`` available in every stage."""
@@ -468,32 +921,28 @@ class _StageFeed:
             if block is not None and self._mixture is not None:
                 self._mixture.append(block)
             self._exhausted = block is None
-            for i, resampler in enumerate(self._resamplers):
-                if block is None:
-                    part = resampler.push(np.zeros((self._channels, 0), np.float32), last=True)
-                else:
-                    part = resampler.push(block)
-                part = (part - self._statistics.mean[i, :, None]) / self._statistics.scale[
-                    i, :, None
-                ]
-                self._buffers[i] = np.concatenate([self._buffers[i], part.astype(np.float32)], 1)
+            mean, scale = self._statistics.mean, self._statistics.scale
+            for i, resample in enumerate(self._resamplers):
+                part = resample(self._empty if block is None else block, block is None)
+                part = (part - mean[i]) / scale[i]
+                self._buffers[i] = torch.cat([self._buffers[i], part], dim=1)
         if self._exhausted:  # zero padding up to the planned length, nothing beyond it
             for i, buffer in enumerate(self._buffers):
                 size = self._statistics.length * 2**i - self._offsets[i]
-                if buffer.shape[1] != size:
-                    padded = np.zeros((self._channels, size), np.float32)
-                    padded[:, : min(size, buffer.shape[1])] = buffer[:, :size]
-                    self._buffers[i] = padded
+                if buffer.shape[1] > size:
+                    self._buffers[i] = buffer[:, :size]
+                elif buffer.shape[1] < size:
+                    self._buffers[i] = torch.nn.functional.pad(buffer, (0, size - buffer.shape[1]))
 
     def release(self, begin: int) -> None:
         """Drop base-rate samples before ``begin`` in every stage."""
         for i, buffer in enumerate(self._buffers):
             drop = begin * 2**i - self._offsets[i]
             if drop > 0:
-                self._buffers[i] = buffer[:, drop:].copy()
+                self._buffers[i] = buffer[:, drop:].clone()
                 self._offsets[i] += drop
 
-    def window(self, channel: int | None, begin: int, end: int, stage: int) -> np.ndarray:
+    def window(self, channel: int | None, begin: int, end: int, stage: int) -> torch.Tensor:
         """Stage ``stage`` samples of base-rate span [begin, end) (all channels for None)."""
         m, offset = 2**stage, self._offsets[stage]
         rows = slice(None) if channel is None else channel
@@ -618,11 +1067,6 @@ def _folder(path: Path) -> Iterator[Path]:
         raise
 
 
-def _chunks(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
 def _round_to(value: float, multiple: int) -> int:
     return round(value / multiple) * multiple
 
@@ -633,3 +1077,35 @@ def _round_up(value: int, multiple: int) -> int:
 
 def _digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+def _output_weights(outputs: Mixes | None, format: str) -> dict[str, np.ndarray]:
+    """Output name -> its weights of (drums, bass, other, vocals), checked with the format."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown audio format {format!r} (use {' or '.join(FORMATS)})")
+    weights = {name: np.asarray(w, dtype=np.float64) for name, w in (outputs or FOUR_STEMS).items()}
+    if any(w.shape != (len(STEMS),) for w in weights.values()):
+        raise ValueError(f"each output needs {len(STEMS)} weights, one per stem")
+    return weights
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _excerpt(
+    frames: int, rate: int, start: float, duration: float | None, name: str
+) -> tuple[int, int]:
+    """The source frames [first, stop) of an excerpt given in seconds, or an AudioError."""
+    if not (math.isfinite(start) and start >= 0):
+        raise AudioError(f"{name}: the excerpt's start must be a number of seconds >= 0")
+    if duration is not None and not (math.isfinite(duration) and duration > 0):
+        raise AudioError(f"{name}: the excerpt's duration must be a number of seconds > 0")
+    first = round(start * rate)
+    if first >= frames:
+        raise AudioError(
+            f"{name}: the excerpt starts at {start:g} s, past the end ({frames / rate:.2f} s)"
+        )
+    stop = frames if duration is None else min(frames, first + max(1, round(duration * rate)))
+    return first, stop

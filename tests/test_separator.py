@@ -145,10 +145,10 @@ def test_window_plan_tiles_the_track_with_equal_aligned_windows(length):
         assert all(v % align == 0 for v in window)
 
 
-def test_a_cpu_separator_makes_freed_activations_reusable_without_fresh_pages(separator):
-    """After a CPU Separator is built, a freed 128 MB tensor's memory is reused: allocating it
-    again touches no new pages (glibc would otherwise unmap it and fault in zeroed pages)."""
-    assert separator.device.type == "cpu"
+def test_keeping_freed_memory_makes_freed_activations_reusable_without_fresh_pages():
+    """After the entry points' allocator tuning, a freed 128 MB tensor's memory is reused:
+    allocating it again touches no new pages (glibc would otherwise unmap it and fault in zeroed
+    pages)."""
     if not keep_freed_memory():
         pytest.skip("the allocator is not glibc's")
 
@@ -162,3 +162,61 @@ def test_a_cpu_separator_makes_freed_activations_reusable_without_fresh_pages(se
         torch.ones(2**25)  # 32768 pages of 4 KiB
         faults.append(page_faults() - before)
     assert min(faults) < 1000
+
+
+def test_tracks_separated_together_get_the_stems_they_get_alone(separator):
+    """Windows of several tracks share forward passes; each track's stems are unchanged, and a
+    bad track is that track's error only."""
+    tracks = [
+        (bench_audio(2.5, 44100), 44100),
+        (np.zeros((2, 0), np.float32), 44100),
+        (bench_audio(0.4, 22050)[:1], 22050),  # shorter than a window: a batch of its own size
+        (bench_audio(3.1, 48000, seed=2), 48000),
+    ]
+    together = separator.separate_many(tracks)
+    assert isinstance(together[1], AudioError)
+    for (audio, rate), stems in zip(tracks, together, strict=True):
+        if isinstance(stems, Exception):
+            continue
+        alone = separator.separate(audio, rate)
+        for stem in STEMS:
+            np.testing.assert_allclose(stems[stem], alone[stem], atol=1e-6)
+
+
+def test_an_excerpt_covers_exactly_its_span_and_matches_the_whole_file(tmp_path):
+    """The excerpt's stems equal the whole file's over its span as closely as two whole-file
+    separations with different window plans agree (trained weights: a random model's
+    least-squares weights swing with the span)."""
+    separator = Separator("default", "cpu", segment=2.0, context=0.5)
+    rate = 22050
+    audio = bench_audio(9.0, rate)
+    write_audio(tmp_path / "song.wav", audio, rate, format="wav")
+    start, duration = 3.25, 2.5
+    excerpt = separator.separate_file(
+        tmp_path / "song.wav", tmp_path / "part", format="wav", start=start, duration=duration
+    )
+    first, count = round(start * rate), round(duration * rate)
+
+    def span(stems: dict[str, np.ndarray]) -> np.ndarray:
+        return np.stack([stems[stem][:, first : first + count] for stem in STEMS], 1)
+
+    whole = span(separator.separate(audio, rate))
+    shifted = span(Separator("default", "cpu", segment=2.5, context=0.5).separate(audio, rate))
+    part = np.stack([read_audio(excerpt[stem])[0] for stem in STEMS], 1)
+    assert part.shape == whole.shape == (2, 4, count)
+    window_agreement = min(stem_agreement(whole, shifted).values())
+    assert min(stem_agreement(whole, part).values()) > window_agreement - 3
+
+
+@pytest.mark.parametrize(
+    ("start", "duration", "reason"), [(9.5, None, "past the end"), (1.0, 0.0, "duration")]
+)
+def test_an_excerpt_outside_the_file_is_refused_with_a_reason(
+    separator, tmp_path, start, duration, reason
+):
+    write_audio(tmp_path / "song.wav", bench_audio(2.0, 22050), 22050, format="wav")
+    with pytest.raises(AudioError, match=reason):
+        separator.separate_file(
+            tmp_path / "song.wav", tmp_path / "out", start=start, duration=duration
+        )
+    assert not (tmp_path / "out").exists()

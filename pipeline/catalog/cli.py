@@ -93,6 +93,10 @@ def run_separate_command(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError("--stems is for files; a catalog run writes the four stems")
     if getattr(args, "device", None):
         raise UsageError("--device is for files; catalog workers take --gpus-per-worker")
+    if getattr(args, "start", 0.0) or getattr(args, "duration", None) is not None:
+        raise UsageError(
+            "--start and --duration are for files; a catalog run separates whole tracks"
+        )
     source = str(args.files[0])
     destination = str(args.files[1]) if len(args.files) == 2 else str(args.out)
     separator_options = {

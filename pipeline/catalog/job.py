@@ -1,41 +1,51 @@
-"""The Ray Data job: tracks flow through three stages so that the model never waits on I/O.
+"""The Ray Data job: tracks stream through model workers, in memory independent of their length.
 
-1. ``decode`` (CPU tasks): read the file from storage and decode it.
-2. ``separate`` (actors, ``workers`` of them, each holding one :class:`Separator`, on a GPU when
-   ``gpus_per_worker`` > 0): the model, and nothing else.
-3. ``encode`` (CPU tasks): encode the four stems and write them to storage.
+Each model worker is an actor (``workers`` of them, ``gpus_per_worker`` GPUs and
+``cpus_per_worker`` CPUs each) that holds one :class:`~pipeline.separator.Separator`, built once.
+It takes a few tracks per call (``tracks_per_call``; more on a GPU, so that windows of several
+tracks fill each forward pass) and runs them through the engine's streaming file path, the same
+code as ``metasep separate FILE``: each source is read from storage block by block, twice
+(statistics, then windows), the unscaled stems go to a spool file on the worker's disk and are
+encoded from there. No track, decoded or separated, ever sits in memory or in Ray's object store,
+so a two-hour concert costs what a song costs. Decoding and encoding run in the worker's host
+threads while the device computes asynchronously.
 
-Ray Data streams blocks between the stages, so while a worker separates one track the next is
-being decoded and the previous uploaded. The driver collects one result row per track, writes it
-to the run's manifest after its stems exist, and measures each worker's model-busy time against
-its wall time. Failed tasks and actors are retried by Ray (a worker lost with its node is
-restarted elsewhere); a row is written once per track whatever Ray retried.
+Outputs are written under temporary names and renamed (local disks) or uploaded whole (object
+stores) before the driver records the track's manifest row. Ray restarts dead workers and retries
+their calls elsewhere; a track is redone from its start, and its row is written once whatever Ray
+retried.
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
 import logging
 import os
+import posixpath
 import socket
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 
 from model import STEMS
-from pipeline.audio import AudioError, write_audio
+from pipeline.audio import AudioError
 from pipeline.catalog.listing import CatalogTrack
 from pipeline.catalog.manifest import ManifestWriter
 from pipeline.catalog.paths import stem_paths
-from pipeline.catalog.storage import full_url, open_location, read_audio_at, write_bytes
+from pipeline.catalog.storage import full_url, open_location, retry_storage, upload_file
+from pipeline.separator import SeparatedFile
 
 log = logging.getLogger(__name__)
 
 STEM_FORMATS = ("flac", "wav")
+GPU_TRACKS_PER_CALL = 8  # a GPU worker's tracks per call: their windows fill its forward passes
 _TRACK_COLUMNS = ("track_id", "source_uri", "source_size", "source_version")
 _URI_COLUMNS = tuple(f"{stem}_uri" for stem in STEMS)
 
@@ -54,7 +64,7 @@ class JobConfig:
     workers: int = 1
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
-    io_cpus: float = 0.25  # CPU reserved by each decode/encode task
+    tracks_per_call: int = 0  # tracks a worker separates together (0: by device, see below)
     storage_options: dict[str, Any] | None = None
     fail_on_error: bool = False
     flush_rows: int = 256
@@ -96,35 +106,15 @@ class JobResult:
 
 
 def identify_separator(
-    model: Any, precision: str, separator_options: dict[str, Any], gpus_per_worker: float
-) -> tuple[str, str]:
-    """``model_id`` and ``options_hash`` as the workers will compute them.
-
-    Built here on the CPU when it can run ``precision``; otherwise (float16 for GPU workers on a
-    driver without fast float16, say) by a Ray task shaped like a worker. Ray must be connected
-    for the second case.
-    """
-    from pipeline.separator import Separator
-
-    try:
-        separator = Separator(model, device="cpu", precision=precision, **separator_options)
-        return separator.model_id, separator.options_hash
-    except ValueError:
-        if gpus_per_worker <= 0:
-            raise
-    import ray
-
-    probe = ray.remote(num_cpus=1, num_gpus=gpus_per_worker)(_identify_on_worker)
-    return ray.get(probe.remote(ray.put(model), precision, separator_options))
-
-
-def _identify_on_worker(
     model: Any, precision: str, separator_options: dict[str, Any]
 ) -> tuple[str, str]:
-    from pipeline.separator import Separator
+    """``model_id`` and ``options_hash`` as the workers will compute them (a pure function of
+    the weights and the options that change the output: no separator is built, no device
+    needed)."""
+    from pipeline.separator import identify
 
-    separator = Separator(model, device="cuda", precision=precision, **separator_options)
-    return separator.model_id, separator.options_hash
+    windows = {k: v for k, v in separator_options.items() if k in ("segment", "context")}
+    return identify(model, precision, **windows)
 
 
 def run_job(tracks: list[CatalogTrack], model_ref: Any, config: JobConfig) -> JobResult:
@@ -178,142 +168,132 @@ def _plan_rows(
 def _build_dataset(ray, rows: list[dict[str, Any]], model_ref: Any, config: JobConfig):
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the driver shows one bar in tracks
-    blocks = min(len(rows), 5000)
-    io_tasks = min(blocks, max(2, 2 * config.workers))
-    dataset = ray.data.from_items(rows, override_num_blocks=blocks)
-    dataset = dataset.map_batches(
-        decode_batch,
-        batch_size=1,
-        num_cpus=config.io_cpus,
-        compute=ray.data.TaskPoolStrategy(size=io_tasks),
-        fn_kwargs={"storage_options": config.storage_options},
-    )
-    dataset = dataset.map_batches(
+    dataset = ray.data.from_items(rows, override_num_blocks=min(len(rows), 5000))
+    return dataset.map_batches(
         SeparateWorker,
-        batch_size=1,
+        batch_size=tracks_per_call(config),
         compute=ray.data.ActorPoolStrategy(size=config.workers),
         num_cpus=config.cpus_per_worker,
         num_gpus=config.gpus_per_worker,
         fn_constructor_kwargs={"model": model_ref, "config": config},
     )  # Ray Data restarts dead actors and retries their tasks (max_restarts=-1) by default
-    return dataset.map_batches(
-        encode_batch,
-        batch_size=1,
-        num_cpus=config.io_cpus,
-        compute=ray.data.TaskPoolStrategy(size=io_tasks),
-        fn_kwargs={"config": config},
-    )
 
 
-def decode_batch(
-    batch: dict[str, np.ndarray], storage_options: dict[str, Any] | None
-) -> dict[str, np.ndarray]:
-    """Stage 1: read and decode each track; a file that cannot be used gets its error message."""
-    out: dict[str, list[Any]] = {**{k: list(v) for k, v in batch.items()}}
-    for key in ("audio", "channels", "samples", "sample_rate", "error", "started_at"):
-        out[key] = []
-    for uri in batch["source_uri"]:
-        out["started_at"].append(time.time())
-        audio, rate, error = None, 0, ""
-        try:
-            audio, rate = read_audio_at(str(uri), storage_options)
-        except Exception as failure:  # whatever a file does, it fails alone, as an error row
-            error = readable_error(failure)
-        out["audio"].append(b"" if audio is None else audio.tobytes())
-        out["channels"].append(0 if audio is None else audio.shape[0])
-        out["samples"].append(0 if audio is None else audio.shape[1])
-        out["sample_rate"].append(rate)
-        out["error"].append(error)
-    return _columns(out)
+def tracks_per_call(config: JobConfig) -> int:
+    """Tracks a worker separates together: several on a GPU (their windows share forward
+    passes), one on a CPU (a stereo window already fills a CPU's forward pass)."""
+    if config.tracks_per_call:
+        return config.tracks_per_call
+    return GPU_TRACKS_PER_CALL if config.gpus_per_worker > 0 else 1
 
 
 class SeparateWorker:
-    """Stage 2: a Ray actor holding one :class:`Separator`, built once, called per track."""
+    """A Ray actor holding one :class:`Separator`, built once, called with a few tracks."""
 
     def __init__(self, model: Any, config: JobConfig) -> None:
         import ray
         import torch
 
-        from pipeline.separator import Separator
+        from pipeline.separator import Separator, keep_freed_memory
 
+        keep_freed_memory()  # the actor's process: allocator tuning at its start
         if isinstance(model, ray.ObjectRef):
             model = ray.get(model)
         device = "cuda" if config.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
-        self.separator = Separator(
-            model, device=device, precision=config.precision, **config.separator_options
-        )
+        options = {"batch_size": None, **config.separator_options}  # None: by device memory
+        self.separator = Separator(model, device=device, precision=config.precision, **options)
+        if self.separator.device.type == "cuda":
+            self.separator.forward_events = []
         if self.separator.model_id != config.model_id:
             raise RuntimeError(
                 f"worker loaded model {self.separator.model_id}, the run planned {config.model_id}"
             )
+        self.config = config
         node = ray.get_runtime_context().get_node_id()[:8]
         self.name = f"{socket.gethostname()}/{node}/{os.getpid()}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list[Any]] = {k: list(v) for k, v in batch.items() if k != "audio"}
-        for key in (*STEMS, "worker", "model_started", "model_seconds"):
+        rows = [{k: v[i] for k, v in batch.items()} for i in range(len(batch["track_id"]))]
+        with tempfile.TemporaryDirectory(prefix="metasep-stems-") as work:
+            started = time.time()
+            results = self._separate(rows, Path(work))
+            ended = time.time()
+        device_s = self._device_seconds()
+        audio_s = [r.frames / r.rate if isinstance(r, SeparatedFile) else 0.0 for r in results]
+        share = [a / sum(audio_s) if sum(audio_s) else 1 / len(rows) for a in audio_s]
+        out: dict[str, list[Any]] = {k: list(v) for k, v in batch.items()}
+        columns = ("error", "channels", "samples", "sample_rate", "worker", "started_at")
+        for key in (*columns, "finished_at", "model_started", "model_seconds", "device_seconds"):
             out[key] = []
-        for index in range(len(batch["track_id"])):
-            stems, started, seconds = self._separate(batch, index, out["error"])
-            for stem in STEMS:
-                out[stem].append(b"" if stems is None else stems[stem].tobytes())
+        for result, part in zip(results, share, strict=True):
+            ok = isinstance(result, SeparatedFile)
+            out["error"].append("" if ok else readable_error(result))
+            out["channels"].append(result.channels if ok else 0)
+            out["samples"].append(result.frames if ok else 0)
+            out["sample_rate"].append(result.rate if ok else 0)
             out["worker"].append(self.name)
+            out["started_at"].append(started)
+            out["finished_at"].append(ended)
             out["model_started"].append(started)
-            out["model_seconds"].append(seconds)
+            out["model_seconds"].append((ended - started) * part)
+            out["device_seconds"].append(device_s * part if device_s is not None else -1.0)
         return _columns(out)
 
-    def _separate(
-        self, batch: dict[str, np.ndarray], index: int, errors: list[str]
-    ) -> tuple[dict[str, np.ndarray] | None, float, float]:
-        """The stems of one track, when and how long the model took; on failure the track's
-        error is set (a track too long for the GPU's memory, say) and the worker goes on."""
-        if errors[index]:
-            return None, 0.0, 0.0
-        shape = (int(batch["channels"][index]), int(batch["samples"][index]))
-        audio = np.frombuffer(batch["audio"][index], dtype=np.float32).reshape(shape)
-        started = time.time()
-        try:
-            stems = self.separator.separate(audio, int(batch["sample_rate"][index]))
-        except Exception as failure:
-            errors[index] = f"separation failed: {readable_error(failure)}"
-            return None, started, time.time() - started
-        seconds = time.time() - started
-        if any(stems[stem].shape != audio.shape for stem in STEMS):
-            errors[index] = f"the separator returned stems of another shape than {audio.shape}"
-        elif not all(np.isfinite(stem).all() for stem in stems.values()):
-            errors[index] = "the model produced NaN or infinite samples"
-        if errors[index]:
-            return None, started, seconds
-        return (
-            {stem: np.ascontiguousarray(stems[stem], np.float32) for stem in STEMS},
-            started,
-            seconds,
-        )
-
-
-def encode_batch(batch: dict[str, np.ndarray], config: JobConfig) -> dict[str, np.ndarray]:
-    """Stage 3: encode and write the stems of each track, then emit its result row."""
-    out: dict[str, list[Any]] = {k: list(v) for k, v in batch.items() if k not in STEMS}
-    out["finished_at"] = []
-    for index in range(len(batch["track_id"])):
-        if not out["error"][index]:
+    def _separate(self, rows: list[dict[str, Any]], work: Path) -> list[SeparatedFile | Exception]:
+        """Read each row's source from storage, separate all together, put the stems in place;
+        a track that fails anywhere is that track's error, the others go on."""
+        config = self.config
+        results: list[SeparatedFile | Exception | None] = [None] * len(rows)
+        jobs, order, destinations = [], [], []
+        with contextlib.ExitStack() as stack:
+            for index, row in enumerate(rows):
+                fs, path = open_location(str(row["drums_uri"]), config.storage_options)
+                local = isinstance(fs, LocalFileSystem)
+                try:
+                    source = self._open_source(stack, str(row["source_uri"]))
+                except Exception as failure:  # the object could not even be opened
+                    results[index] = failure
+                    continue
+                jobs.append((source, Path(posixpath.dirname(path)) if local else work / str(index)))
+                order.append(index)
+                destinations.append(None if local else fs)
+            separated = self.separator.separate_files(jobs, format=config.stem_format)
+        for index, result in zip(order, separated, strict=True):
+            results[index] = result
+        for index, fs in zip(order, destinations, strict=True):
+            result = results[index]
+            if fs is None or not isinstance(result, SeparatedFile):
+                continue
             try:
-                _write_stems(batch, index, config)
-            except Exception as failure:  # after the retries inside write_bytes
-                out["error"][index] = f"writing stems failed: {readable_error(failure)}"
-        out["finished_at"].append(time.time())
-    return _columns(out)
+                for stem, local_path in result.paths.items():
+                    _, remote = open_location(
+                        str(rows[index][f"{stem}_uri"]), config.storage_options
+                    )
+                    upload_file(fs, local_path, remote)
+            except Exception as failure:
+                results[index] = RuntimeError(f"writing stems failed: {readable_error(failure)}")
+        return results  # type: ignore[return-value]
 
+    def _open_source(self, stack: contextlib.ExitStack, uri: str) -> str | Any:
+        """A local path as it is, an object as a streaming file (retried while opening)."""
+        fs, path = open_location(uri, self.config.storage_options)
+        if isinstance(fs, LocalFileSystem):
+            return path
+        file = retry_storage(lambda: fs.open(path, "rb"), f"opening {uri}")
+        with contextlib.suppress(AttributeError):
+            file.name = uri  # how decoding errors name the track
+        return stack.enter_context(file)
 
-def _write_stems(batch: dict[str, np.ndarray], index: int, config: JobConfig) -> None:
-    shape = (int(batch["channels"][index]), int(batch["samples"][index]))
-    rate = int(batch["sample_rate"][index])
-    for stem in STEMS:
-        audio = np.frombuffer(batch[stem][index], dtype=np.float32).reshape(shape)
-        buffer = io.BytesIO()
-        write_audio(buffer, audio, rate, format=config.stem_format)
-        fs, path = open_location(str(batch[f"{stem}_uri"][index]), config.storage_options)
-        write_bytes(fs, path, buffer.getvalue())
+    def _device_seconds(self) -> float | None:
+        """Seconds the device spent in forward passes since the last call (CUDA events)."""
+        events = self.separator.forward_events
+        if events is None:
+            return None
+        if events:
+            events[-1][1].synchronize()
+        seconds = sum(start.elapsed_time(end) for start, end in events) / 1000
+        events.clear()
+        return seconds
 
 
 def _manifest_row(row: dict[str, Any], config: JobConfig) -> dict[str, Any]:

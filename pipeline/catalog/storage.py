@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import posixpath
 import time
 import uuid
@@ -111,6 +112,12 @@ def write_bytes(fs, path: str, data: bytes) -> None:
             fs.pipe_file(path, data)
 
     retry_storage(write, f"writing {path}")
+
+
+def upload_file(fs, local_path: str | os.PathLike, path: str) -> None:
+    """Copy a finished local file to ``path`` on ``fs`` with retries, streamed from disk (object
+    stores publish the object only when the upload completes)."""
+    retry_storage(lambda: fs.put_file(str(local_path), path), f"writing {path}")
 
 
 def read_audio_at(

@@ -40,6 +40,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--threads", type=int, help="CPU threads of both timed processes (default: torch's)"
     )
+    parser.add_argument(
+        "--tracks",
+        type=int,
+        metavar="N",
+        help="throughput mode: N different tracks of --seconds through the catalog's model stage "
+        "in this process (no Ray): aggregate real time and, on CUDA, the GPU-busy fraction",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of random weights")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(handler=run)
@@ -48,13 +55,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from pipeline.bench import BenchOptions, bench_model, run_bench
+    from pipeline.bench import BenchOptions, bench_model, run_bench, run_throughput
     from pipeline.separator import Separator
 
     if not (math.isfinite(args.seconds) and args.seconds > 0):
         raise UsageError("--seconds must be a positive number")
     if args.threads is not None and args.threads < 1:
         raise UsageError("--threads must be at least 1")
+    if args.tracks is not None and args.tracks < 1:
+        raise UsageError("--tracks must be at least 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model, weights = bench_model(_named_weights(args.config), args.seed)
@@ -72,7 +81,11 @@ def run(args: argparse.Namespace) -> int:
         Separator(model, device, args.precision, args.segment, args.context, args.batch_size)
     except ValueError as error:
         raise UsageError(str(error).splitlines()[0]) from None
-    results = {"config": args.config, "weights": weights, **run_bench(model, options)}
+    if args.tracks:
+        figures = run_throughput(model, options, args.tracks)
+    else:
+        figures = run_bench(model, options)
+    results = {"config": args.config, "weights": weights, **figures}
     if args.json:
         print(json.dumps(results, sort_keys=True))
     else:
@@ -92,19 +105,44 @@ def _named_weights(config: str) -> str:
 
 def report(results: dict) -> str:
     """The figures as a few lines of text."""
+    where = results["gpu"] or results["cpu"]
     lines = [
         f"{results['seconds']:g} s of stereo 44.1 kHz, {results['config']} model "
-        f"({results['weights']}), {results['device']} ({results['cpu']}, "
+        f"({results['weights']}), {results['device']} ({where}, "
         f"{results['threads']} threads), {results['precision']}; engine windows "
         f"{results['segment']:g} s + {results['context']:g} s context, batch "
-        f"{results['batch_size']}",
+        f"{results['batch_size'] or 'auto'}",
+    ]
+    if "throughput_xrt" in results:
+        busy = results.get("gpu_busy_fraction")
+        lines.append(
+            f"throughput: {results['throughput_xrt']:7.2f}x real time for {results['tracks']} "
+            f"tracks together ({results['throughput_seconds']:.1f} s, "
+            f"{results['tracks_per_call']} per call, batch {results['batch_size_used']})"
+            + (f", GPU busy {busy:.0%}" if busy is not None else "")
+        )
+        return "\n".join(lines)
+    lines.append(
         f"engine:    {results['engine_xrt']:7.2f}x real time "
         f"({results['engine_seconds']:.1f} s, file to stem files), peak RSS "
         f"{results['peak_rss_mb']:.0f} MB (after loading the model: "
-        f"{results['model_rss_mb']:.0f} MB)",
-    ]
+        f"{results['model_rss_mb']:.0f} MB)"
+    )
     if "engine_cuda_peak_mb" in results:
         lines.append(f"           peak CUDA memory {results['engine_cuda_peak_mb']:.0f} MB")
+    phases = {k[6:-2]: v for k, v in results.items() if k.startswith("phase_")}
+    if phases:
+        total = sum(phases.values())
+        lines.append(
+            "phases:    "
+            + ", ".join(f"{name} {value:.2f} s" for name, value in phases.items())
+            + f" (a separate run, synchronised at each phase: {total:.1f} s)"
+        )
+    if "memory_xrt" in results:
+        lines.append(
+            f"in memory: {results['memory_xrt']:7.2f}x real time (Separator.separate); network "
+            f"alone {results['network_xrt']:.2f}x"
+        )
     if "reference_xrt" in results:
         lines += [
             f"reference: {results['reference_xrt']:7.2f}x real time "

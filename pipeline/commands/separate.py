@@ -78,6 +78,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"also write {REMIX}: the stems re-balanced, e.g. vocals=1.2,drums=0.3 "
         "(unnamed stems keep gain 1)",
     )
+    parser.add_argument(
+        "--start",
+        type=_seconds,
+        default=0.0,
+        metavar="S",
+        help="separate an excerpt starting S seconds in (the network still hears the context "
+        "around it; the stems cover exactly the excerpt)",
+    )
+    parser.add_argument(
+        "--duration",
+        type=_seconds,
+        metavar="D",
+        help="length of the excerpt in seconds (default: to the end)",
+    )
     add_window_arguments(parser)
     catalog.add_catalog_arguments(parser)
     parser.set_defaults(handler=run)
@@ -100,8 +114,9 @@ def add_window_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size",
         type=int,
-        default=DEFAULT_BATCH,
-        help=f"windows of one channel per forward pass ({DEFAULT_BATCH})",
+        default=None,
+        help=f"windows of one channel per forward pass (default: {DEFAULT_BATCH} on a CPU; on "
+        "a GPU as many as half its free memory holds)",
     )
 
 
@@ -126,7 +141,15 @@ def run(args: argparse.Namespace) -> int:
             continue
         folders[destination] = path
         try:
-            separator.separate_file(path, destination, outputs, settings.stem_format, progress=True)
+            separator.separate_file(
+                path,
+                destination,
+                outputs,
+                settings.stem_format,
+                progress=True,
+                start=args.start,
+                duration=args.duration,
+            )
         except (AudioError, OSError, FloatingPointError) as error:
             failures.append(str(path))
             _error(str(error) if isinstance(error, AudioError) else f"{path}: {error}")
@@ -222,6 +245,16 @@ def _remix(text: str) -> dict[str, float]:
         if not math.isfinite(gains[stem]):
             raise argparse.ArgumentTypeError(f"{item!r}: the gain must be a finite number")
     return gains
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: seconds must be a finite number >= 0")
+    return value
 
 
 def _error(message: str) -> None:
