@@ -236,7 +236,8 @@ class SeparatedFile:
 class Separator:
     """Meta-TasNet separation of whole tracks; build once, call many times.
 
-    ``checkpoint`` is a path, the name of shipped weights (``"default"``) or a model. ``device``
+    ``checkpoint`` is a path, a name of the weights registry (``"default"``, ``"release"``:
+    fetched and cached on first use) or a model. ``device``
     defaults to CUDA when available. ``precision`` is ``"float32"``, ``"bfloat16"`` or
     ``"float16"`` (the network's matrix products run in it; normalisation statistics stay in
     float32/64). ``segment`` and ``context`` are in seconds; ``batch_size`` counts windows of
@@ -263,7 +264,11 @@ class Separator:
             raise ValueError("batch_size must be >= 1")
         if resampler not in RESAMPLERS:
             raise ValueError(f"unknown resampler {resampler!r} (use {', '.join(RESAMPLERS)})")
-        model = checkpoint if isinstance(checkpoint, MultiTasNet) else load_checkpoint(checkpoint)
+        if not isinstance(checkpoint, MultiTasNet):
+            from pipeline.weights import resolve_weights  # a name: shipped, cached or fetched
+
+            checkpoint = load_checkpoint(resolve_weights(checkpoint))
+        model = checkpoint
         self.config = model.config
         self.model_id, self.options_hash = identify(model, precision, segment, context)
         self.segment, self.context = _window_frames(model, segment, context)
