@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -112,9 +114,26 @@ def test_bench_reports_speed_memory_and_agreement(checkpoint, capsys):
     # 1 s windows of a small random model: far from the single pass, but related to it.
     assert 5 < figures["agreement_db"] < 100
     assert figures["agreement_db"] == min(figures[f"agreement_{s}_db"] for s in STEMS)
+    # Where the time goes: every phase of the file path, then in memory and the network alone.
+    phases = {key[6:-2] for key in figures if key.startswith("phase_")}
+    assert phases == {"decode", "resample_in", "network", "resample_out", "encode"}
+    assert all(figures[f"phase_{name}_s"] >= 0 for name in phases)
+    assert figures["phase_network_s"] > 0 and figures["phase_encode_s"] > 0
+    for key in ("memory_xrt", "network_xrt"):
+        assert np.isfinite(figures[key]) and figures[key] > 0, key
     assert main([*command, "--engine-only"]) == 0
     printed = capsys.readouterr().out
     assert "engine:" in printed and "peak RSS" in printed and "reference:" not in printed
+
+
+def test_bench_throughput_mode_runs_several_tracks_through_the_model_stage(checkpoint, capsys):
+    command = ["bench", "--config", checkpoint, "--seconds", "2", "--tracks", "3", "--json"]
+    assert main(command) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["tracks"] == 3 and figures["tracks_per_call"] == 1  # one per call on a CPU
+    assert figures["throughput_xrt"] == pytest.approx(3 * 2 / figures["throughput_seconds"])
+    assert "gpu_busy_fraction" not in figures  # CUDA events only
+    assert main(["bench", "--config", checkpoint, "--tracks", "0"]) == 2
 
 
 def test_bench_memory_of_a_fresh_process_is_its_own():
@@ -129,3 +148,19 @@ def test_bench_memory_of_a_fresh_process_is_its_own():
 
 def outputs(folder) -> dict[str, np.ndarray]:
     return {path.stem: read_audio(path)[0] for path in folder.iterdir()}
+
+
+def test_a_missing_audio_file_is_no_such_file_at_once_without_prefect_or_ray(tmp_path):
+    """A path that looks like one audio file is a file, even when it does not exist: the answer
+    comes from the file path (no flow, no cluster)."""
+    probe = (
+        "import sys; from pipeline.cli import main; "
+        f"code = main(['separate', {str(tmp_path / 'typo.wav')!r}, '-o', {str(tmp_path)!r}]); "
+        "print('loaded', 'prefect' in sys.modules, 'ray' in sys.modules); sys.exit(code)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 1, result.stderr
+    assert "typo.wav: no such file" in result.stderr
+    assert "loaded False False" in result.stdout
