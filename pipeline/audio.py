@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import math
 import os
 import shutil
 import subprocess
@@ -29,6 +30,7 @@ from typing import BinaryIO
 import numpy as np
 import soundfile as sf
 import soxr
+import torch
 
 FORMATS = {"flac": ("FLAC", "PCM_24"), "wav": ("WAV", "FLOAT")}
 _BLOCK = 1 << 18  # frames per block when reading whole files
@@ -264,6 +266,98 @@ _RESAMPLE_THREADS = 2  # parallel soxr streams per resampler
 def _resample_pool() -> ThreadPoolExecutor:
     """The threads that resample channel groups (shared by every resampler of the process)."""
     return ThreadPoolExecutor(_RESAMPLE_THREADS, thread_name_prefix="metasep-resample")
+
+
+# ------------------------------------------------------------------------------------------------
+# Resampling with torch ops (any device)
+
+_CUTOFF = 0.957  # -6 dB point of the anti-aliasing filter, as a fraction of the lower Nyquist
+_TRANSITION = 0.0864  # full transition band (passband end to stopband start), same unit
+_ATTENUATION = 126.0  # dB: sets the Kaiser window's beta and length
+
+
+class TorchResampler:
+    """Streaming resampler on torch tensors (any device, float32)."""
+
+    def __init__(
+        self, from_rate: int, to_rate: int, channels: int, device: torch.device | str = "cpu"
+    ) -> None:
+        self.channels = channels
+        self.device = torch.device(device)
+        common = math.gcd(from_rate, to_rate)
+        self._step, self._phases = from_rate // common, to_rate // common  # M inputs, L outputs
+        self._identity = from_rate == to_rate
+        weights, self._pad = _polyphase_kernel(from_rate, to_rate)
+        self._weights = torch.from_numpy(weights).to(self.device, torch.float32)[:, None, :]
+        self._width = weights.shape[1]
+        self._reset()
+
+    def _reset(self) -> None:
+        """Start a new signal: the history holds the filter's left padding of zeros."""
+        self._history = torch.zeros(self.channels, self._pad, device=self.device)
+        self._inputs = self._outputs = 0
+
+    def push(self, block: torch.Tensor, last: bool = False) -> torch.Tensor:
+        """(channels, n) float32 block on the device -> (channels, m) resampled output; `last` flushes."""
+        if self._identity:
+            return block
+        lead, length = block.shape[:-1], block.shape[-1]
+        self._inputs += length
+        signal = torch.cat([self._history, block.reshape(self.channels, length)], 1)
+        frames = self._ready_frames(signal.shape[1], last)
+        needed = (frames - 1) * self._step + self._width if frames else 0
+        if needed > signal.shape[1]:
+            signal = torch.nn.functional.pad(signal, (0, needed - signal.shape[1]))
+        out = self._filter(signal[:, :needed], frames)
+        if last:
+            out = out[:, : self._total() - self._outputs]
+        self._outputs += out.shape[1]
+        self._history = signal[:, frames * self._step :]
+        if last:
+            self._reset()
+        return out.reshape(*lead, out.shape[1])
+
+    def _total(self) -> int:
+        """Output length of the whole signal: soxr's rule, round(n * L / M) with halves up."""
+        return (2 * self._inputs * self._phases + self._step) // (2 * self._step)
+
+    def _ready_frames(self, available: int, last: bool) -> int:
+        """Frames (``L`` outputs each, ``M`` inputs apart) to compute now: those whose inputs are
+        all here, or on ``last`` those that reach the total output length (zeros past the end)."""
+        if last:
+            missing = self._total() - self._outputs
+            return max(0, -(-missing // self._phases))
+        if available < self._width:
+            return 0
+        return (available - self._width) // self._step + 1
+
+    def _filter(self, signal: torch.Tensor, frames: int) -> torch.Tensor:
+        """All phases of ``frames`` frames at once: one strided convolution, outputs interleaved."""
+        if not frames:
+            return signal.new_zeros(self.channels, 0)
+        out = torch.nn.functional.conv1d(signal[:, None, :], self._weights, stride=self._step)
+        return out.transpose(1, 2).reshape(self.channels, frames * self._phases)
+
+
+@functools.cache
+def _polyphase_kernel(from_rate: int, to_rate: int) -> tuple[np.ndarray, int]:
+    """The (L, width) float64 filter rows of each output phase, and the zeros to pad before."""
+    common = math.gcd(from_rate, to_rate)
+    step, phases = from_rate // common, to_rate // common
+    low = min(from_rate, to_rate)
+    cutoff = _CUTOFF * 0.5 * low / from_rate  # cycles per input sample
+    transition = _TRANSITION * 0.5 * low / from_rate
+    half = (_ATTENUATION - 7.95) / (2.285 * 2 * np.pi * transition) / 2  # input samples
+    beta = 0.1102 * (_ATTENUATION - 8.7)
+    pad = math.ceil(half)
+    width = math.ceil((phases - 1) * step / phases + half) + pad + 1
+    # output r of a frame sits at input position r*M/L; row r weighs window position u, which is
+    # input position u - pad, by h(r*M/L + pad - u)
+    t = np.arange(phases)[:, None] * step / phases + pad - np.arange(width)[None, :]
+    inside = np.abs(t) < half
+    window = np.i0(beta * np.sqrt(np.clip(1 - (t / half) ** 2, 0, None))) / np.i0(beta)
+    taps = 2 * cutoff * np.sinc(2 * cutoff * t) * window * inside
+    return taps, pad
 
 
 def _format(format: str) -> tuple[str, str]:
