@@ -283,6 +283,7 @@ def _resample_pool() -> ThreadPoolExecutor:
 _CUTOFF = 0.956843  # -6 dB point, as a fraction of the lower Nyquist
 _HALF_LENGTH = 102.36  # half the Kaiser window, in samples at the lower rate (205 taps an output)
 _BETA = 13.6  # Kaiser window shape: stopband under -131 dB from the Nyquist on
+_MAX_TAPS = 1 << 24  # 64 MB of float32; the usual rates (8 to 192 kHz) need at most 4 MB
 
 
 class TorchResampler:
@@ -407,6 +408,11 @@ def _polyphase_taps(from_rate: int, to_rate: int) -> tuple[np.ndarray, int]:
     half = _HALF_LENGTH * from_rate / lower  # in input samples
     pad = math.ceil(half)
     width = math.ceil((phases - 1) * step / phases + half) + pad + 1
+    if phases * width > _MAX_TAPS:
+        raise ValueError(
+            f"cannot resample {from_rate} Hz to {to_rate} Hz with a polyphase table: the reduced "
+            f"ratio {phases}/{step} needs {phases * width} taps (at most {_MAX_TAPS})"
+        )
     t = np.arange(phases)[:, None] * step / phases + pad - np.arange(width)[None, :]
     inside = np.clip(1 - (t / half) ** 2, 0, None)
     window = np.i0(_BETA * np.sqrt(inside)) / np.i0(_BETA) * (inside > 0)

@@ -158,6 +158,11 @@ def test_exact_where_convolutions_round_to_tf32(monkeypatch):
     assert (split - exact).abs().max() <= 1e-5
 
 
+def test_a_ratio_too_irregular_for_a_table_is_refused():
+    with pytest.raises(ValueError, match="44101 Hz to 8000 Hz"):
+        TorchResampler(44101, 8000, 2)
+
+
 def test_same_rate_returns_the_input():
     block = torch.randn(2, 10)
     assert TorchResampler(16000, 16000, 2).push(block) is block
