@@ -272,14 +272,15 @@ def _resample_pool() -> ThreadPoolExecutor:
 # Resampling with torch ops (any device)
 
 # The filter of TorchResampler, in units of the lower of the two rates. soxr's HQ response, measured
-# from the kernel it applies (an impulse per output phase) for 44.1 kHz -> 8/16/32 kHz and
-# 32 kHz -> 44.1 kHz, is linear-phase, flat to 0.01 dB up to 0.914 of the lower Nyquist, -6 dB at
-# 0.957, and below -130 dB from the Nyquist on. A Kaiser-windowed sinc's three numbers were fitted
-# to that response (least squares over 0..1.1 Nyquist, worst of the four rate pairs, stopband held
-# under -130 dB): the responses then differ by -65 dB (rms over the band, -68 dB for 32 -> 44.1 kHz)
-# and the outputs by 85-90 dB SDR on the bench's music, 90-119 dB on rendered music. What is left is
-# soxr's multi-stage structure: a passband droop of up to 0.01 dB that a single sinc does not have,
-# and a transition that differs slightly with the ratio.
+# from the kernel it applies (impulses at every input phase) for 44.1 kHz -> 8/16/32 kHz and
+# 32 kHz -> 44.1 kHz, is linear-phase, within 0.01 dB up to 0.914 of the lower Nyquist, -6 dB at
+# 0.957, and about -130 dB or lower from the Nyquist on. A Kaiser-windowed sinc's three numbers were
+# fitted to that response (least squares over 0..1.1 Nyquist, the worst of the four rate pairs
+# minimised, stopband held under -130 dB): the responses then differ by -65 dB rms over the band
+# (-68 dB for 32 -> 44.1 kHz), and the outputs agree to 85-90 dB SDR on the bench's music, 90-119
+# dB on rendered music, 63-67 dB on white noise. What is left is soxr's multi-stage structure: a
+# passband droop of up to 0.01 dB (above 0.5 Nyquist) that a single sinc does not have, and a
+# transition that differs slightly with the ratio (48 kHz's pairs: 76-91 dB on the bench's music).
 _CUTOFF = 0.956843  # -6 dB point, as a fraction of the lower Nyquist
 _HALF_LENGTH = 102.36  # half the Kaiser window, in samples at the lower rate (205 taps an output)
 _BETA = 13.6  # Kaiser window shape: stopband under -131 dB from the Nyquist on
@@ -302,7 +303,8 @@ class TorchResampler:
     that output's fractional input position) over the frame's window of inputs. All rows at once
     are one ``conv1d`` with ``L`` output channels and stride ``M``, over as many frames as the
     inputs allow. The state between pushes is the unused tail of the input (at most a window plus
-    a frame) and two counts; ``push`` computes sizes from shapes only, never from values.
+    a frame) and two counts; ``push`` computes sizes from shapes only, never from values. On CUDA
+    the convolution's operands are split so that cuDNN's default TF32 loses nothing.
     """
 
     def __init__(
