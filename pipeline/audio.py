@@ -331,7 +331,9 @@ class TorchResampler:
 
     def _reset(self) -> None:
         """Start a new signal: the history holds the zeros before its first sample."""
-        self._history = torch.zeros(self.channels, self._pad, device=self.device)
+        self._history = torch.zeros(
+            self.channels, self._pad, device=self.device, dtype=torch.float32
+        )
         self._inputs = self._outputs = 0
 
     def push(self, block: torch.Tensor, last: bool = False) -> torch.Tensor:
@@ -340,7 +342,8 @@ class TorchResampler:
             return block
         lead, length = block.shape[:-1], block.shape[-1]
         self._inputs += length
-        signal = torch.cat([self._history, block.reshape(self.channels, length)], 1)
+        block = block.reshape(self.channels, length).to(torch.float32)  # no copy if float32
+        signal = torch.cat([self._history, block], 1)
         frames = self._ready_frames(signal.shape[1], last)
         needed = (frames - 1) * self._step + self._width if frames else 0
         if needed > signal.shape[1]:  # flushing: zeros after the end
