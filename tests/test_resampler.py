@@ -132,7 +132,14 @@ def test_empty_blocks():
     block = torch.ones(2, 100)
     first = resampler.push(block)
     assert first.shape == (2, 0)  # the filter waits for its right context
-    assert resampler.push(torch.zeros(2, 0), last=True).shape == (2, 36)  # round(100 * 160/441)
+    assert resampler.push(torch.zeros(2, 0), last=True).shape == (2, int(100 * 16000 / 44100 + 0.5))
+
+
+def test_after_last_the_next_signal_starts_afresh():
+    music = torch.from_numpy(bench_audio(0.5, 44100, seed=4))
+    resampler = TorchResampler(44100, 32000, 2)
+    first = resampler.push(music, last=True)
+    assert torch.equal(resampler.push(music, last=True), first)
 
 
 def tf32(x: torch.Tensor) -> torch.Tensor:
