@@ -20,6 +20,16 @@ LENGTH_PAIRS = [
 ] + [(8000, 44100), (16000, 48000), (32000, 44100), (32000, 48000)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small convolutions: a second thread costs more in barriers than it saves (a loaded
+    machine's test run took twice as long)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def ours(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     """The whole signal through one TorchResampler."""
     resampler = TorchResampler(from_rate, to_rate, audio.shape[0])
