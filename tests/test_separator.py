@@ -220,3 +220,35 @@ def test_an_excerpt_outside_the_file_is_refused_with_a_reason(
             tmp_path / "song.wav", tmp_path / "out", start=start, duration=duration
         )
     assert not (tmp_path / "out").exists()
+
+
+def test_the_gpu_path_on_cpu_tensors_agrees_with_the_soxr_path():
+    """resampler="torch" is what a GPU runs (every op on the device); here on CPU tensors. Its
+    resampler agrees with soxr at 85-90 dB (tests/test_resampler.py); through the trained
+    network, whose mel branch takes logarithms of near-silent bins, the stems still agree far
+    above the engine's window agreement."""
+    audio = bench_audio(6.0, 44100)
+    soxr_path = Separator("default", "cpu").separate(audio, 44100)
+    torch_path = Separator("default", "cpu", resampler="torch").separate(audio, 44100)
+    stack = [np.stack([stems[stem] for stem in STEMS], 1) for stems in (soxr_path, torch_path)]
+    assert min(stem_agreement(*stack).values()) > 40
+
+
+def test_files_separated_together_fail_alone(separator, tmp_path):
+    rate = 16000
+    write_audio(tmp_path / "a.wav", bench_audio(2.0, rate), rate, format="wav")
+    (tmp_path / "broken.wav").write_bytes(b"RIFF not really")
+    write_audio(tmp_path / "b.flac", bench_audio(1.5, rate, seed=4)[:1], rate)
+    jobs = [
+        (tmp_path / name, tmp_path / "out" / name) for name in ("a.wav", "broken.wav", "b.flac")
+    ]
+    results = separator.separate_files(jobs, format="wav")
+    assert isinstance(results[1], AudioError) and not (tmp_path / "out" / "broken.wav").exists()
+    for (source, folder), result in zip(jobs, results, strict=True):
+        if isinstance(result, Exception):
+            continue
+        assert sorted(p.name for p in folder.iterdir()) == sorted(f"{s}.wav" for s in STEMS)
+        expected = separator.separate(*read_audio(source))
+        assert (result.rate, result.channels, result.frames) == (rate, *expected["drums"].shape)
+        for stem, path in result.paths.items():
+            np.testing.assert_allclose(read_audio(path)[0], expected[stem], atol=1e-5)
