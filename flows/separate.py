@@ -33,6 +33,7 @@ from pipeline.catalog.manifest import done_records, new_run_id, read_manifests
 from pipeline.catalog.plan import Plan, catalog_options_hash, plan_tracks
 from pipeline.catalog.storage import is_transient, open_location
 from pipeline.catalog.summary import build_summary, format_summary, write_summary
+from pipeline.separator import resolve_precision
 from pipeline.settings import Settings, settings_for_run
 from pipeline.weights import resolve_weights
 
@@ -159,7 +160,8 @@ def separate_catalog(
         stem_format=stem_format,
     )
     checkpoint, workers, ray_address = settings.checkpoint, settings.workers, settings.ray_address
-    gpus_per_worker, precision = settings.gpus_per_worker, settings.precision
+    gpus_per_worker = settings.gpus_per_worker
+    precision = resolve_precision(settings.precision, "cuda" if gpus_per_worker > 0 else "cpu")
     stem_format, storage_options = settings.stem_format, settings.options()
     if stem_format not in STEM_FORMATS:
         raise CatalogError(f"stem format must be one of {', '.join(STEM_FORMATS)}")

@@ -66,6 +66,7 @@ from pipeline.audio import (
 
 ENGINE_VERSION = 3  # bump when a change alters the engine's output for the same options
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRECISION_CHOICES = ("auto", *PRECISIONS)  # auto: bfloat16 on a GPU that has it, else float32
 RESAMPLERS = ("auto", "soxr", "torch")
 SILENCE = 1e-5  # floor of the normalising standard deviation (about -100 dBFS)
 # Window defaults, from `metasep bench` (README): the mask network's GroupNorms take their
@@ -215,6 +216,19 @@ def identify(
     return model_fingerprint(model), _digest(json.dumps(options, sort_keys=True).encode())
 
 
+def resolve_precision(precision: str, device: str | torch.device) -> str:
+    """``"auto"`` made concrete for a device: bfloat16 on CUDA (where the GPU has it; a driver
+    without a GPU plans GPU workers as bfloat16), float32 elsewhere. Other names are returned."""
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "float32"
+    if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        return "float32"
+    return "bfloat16"
+
+
 def _window_frames(model: MultiTasNet, segment: float, context: float) -> tuple[int, int]:
     """Segment and context in base-rate samples, rounded to the network's frame alignment."""
     if segment <= 0 or context < 0:
@@ -240,7 +254,9 @@ class Separator:
     fetched and cached on first use) or a model. ``device``
     defaults to CUDA when available. ``precision`` is ``"float32"``, ``"bfloat16"`` or
     ``"float16"`` (the network's matrix products run in it; normalisation statistics stay in
-    float32/64). ``segment`` and ``context`` are in seconds; ``batch_size`` counts windows of
+    float32/64); ``"auto"`` is bfloat16 on a GPU that supports it and float32 elsewhere (on a
+    CPU float32 is the one that runs well everywhere). ``segment`` and ``context`` are in
+    seconds; ``batch_size`` counts windows of
     one channel each per forward pass (``None``: 2 on a CPU; on a GPU as many as half its free
     memory holds, at most ``MAX_AUTO_BATCH``). ``resampler`` picks the resampling op: ``"auto"``
     (soxr on a CPU, torch elsewhere), ``"soxr"`` or ``"torch"``.
@@ -250,7 +266,7 @@ class Separator:
         self,
         checkpoint: str | Path | MultiTasNet = "default",
         device: str | torch.device | None = None,
-        precision: str = "float32",
+        precision: str = "auto",
         segment: float = DEFAULT_SEGMENT,
         context: float = DEFAULT_CONTEXT,
         batch_size: int | None = DEFAULT_BATCH,
@@ -259,6 +275,7 @@ class Separator:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("CUDA is not available on this machine; use --device cpu")
+        precision = resolve_precision(precision, self.device)
         dtype = _dtype(precision, self.device)
         if batch_size is not None and batch_size < 1:
             raise ValueError("batch_size must be >= 1")

@@ -93,7 +93,11 @@ class Settings(BaseSettings):
     device: str | None = Field(
         None, description="device of in-process work: cpu, cuda (default: cuda if present)"
     )
-    precision: str = Field("float32", description="float32, bfloat16 or float16")
+    precision: str = Field(
+        "auto",
+        description="auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16 or "
+        "float16",
+    )
     stem_format: str = Field("flac", description="stem files: flac (24-bit) or wav")
     cache_dir: Path = Field(
         default_factory=lambda: Path.home() / ".cache" / "metasep",

@@ -37,7 +37,7 @@ def test_defaults_without_environment():
     assert settings.checkpoint == "default" and settings.workers is None
     assert (settings.gpus_per_worker, settings.cpus_per_worker) == (0.0, 1.0)
     assert settings.ray_address is None and settings.options() is None
-    assert (settings.precision, settings.stem_format) == ("float32", "flac")
+    assert (settings.precision, settings.stem_format) == ("auto", "flac")
     assert settings.cache_dir == Path.home() / ".cache" / "metasep"
 
 

@@ -8,7 +8,7 @@ import math
 
 from pipeline.cli import UsageError
 from pipeline.commands.separate import add_window_arguments
-from pipeline.separator import PRECISIONS
+from pipeline.separator import PRECISION_CHOICES, resolve_precision
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--seconds", type=float, default=60.0, help="audio length (60)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    parser.add_argument("--precision", choices=PRECISIONS, default="float32")
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default="auto")
     add_window_arguments(parser)
     parser.add_argument(
         "--engine-only",
@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tracks is not None and args.tracks < 1:
         raise UsageError("--tracks must be at least 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.precision = resolve_precision(args.precision, device)
     try:
         model, weights = bench_model(_named_weights(args.config), args.seed)
         options = BenchOptions(

@@ -25,7 +25,7 @@ from pipeline.separator import (
     DEFAULT_BATCH,
     DEFAULT_CONTEXT,
     DEFAULT_SEGMENT,
-    PRECISIONS,
+    PRECISION_CHOICES,
     Separator,
 )
 from pipeline.settings import Settings, settings_from_args
@@ -54,7 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--checkpoint", help=catalog.setting_help("checkpoint"))
     parser.add_argument("--device", help=catalog.setting_help("device"))
-    parser.add_argument("--precision", choices=PRECISIONS, help=catalog.setting_help("precision"))
+    parser.add_argument(
+        "--precision", choices=PRECISION_CHOICES, help=catalog.setting_help("precision")
+    )
     parser.add_argument(
         "--stems",
         type=_stem_list,

@@ -18,7 +18,7 @@ from pipeline.catalog.cli import json_object, setting_help
 from pipeline.catalog.storage import open_location
 from pipeline.cli import UsageError
 from pipeline.commands.separate import build_separator
-from pipeline.separator import DEFAULT_BATCH, DEFAULT_CONTEXT, DEFAULT_SEGMENT, PRECISIONS
+from pipeline.separator import DEFAULT_BATCH, DEFAULT_CONTEXT, DEFAULT_SEGMENT, PRECISION_CHOICES
 from pipeline.settings import settings_from_args
 
 LOCAL_NAMES = ["127.0.0.1", "localhost"]
@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port (8000; 0 picks a free one)")
     parser.add_argument("--checkpoint", help=setting_help("checkpoint"))
     parser.add_argument("--device", help=setting_help("device"))
-    parser.add_argument("--precision", choices=PRECISIONS, help=setting_help("precision"))
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, help=setting_help("precision"))
     parser.add_argument(
         "--catalog",
         metavar="DST",
