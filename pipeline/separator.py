@@ -112,6 +112,7 @@ class _ArraySource:
     audio: np.ndarray
     rate: int
     name: str = "audio"
+    _uploaded: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def channels(self) -> int:
@@ -120,6 +121,13 @@ class _ArraySource:
     def blocks(self, size: int) -> Iterator[np.ndarray]:
         for start in range(0, self.audio.shape[1], size):
             yield self.audio[:, start : start + size]
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        """The whole array on ``device``, copied there once (pinned, asynchronously)."""
+        if self._uploaded is None or self._uploaded.device != device:
+            pinned = torch.from_numpy(self.audio).pin_memory()
+            self._uploaded = pinned.to(device, non_blocking=True)
+        return self._uploaded
 
 
 @dataclass
@@ -638,7 +646,11 @@ class Separator:
         )
 
     def _upload(self, source: _Source) -> Iterator[torch.Tensor]:
-        """The source's blocks as float32 tensors on the device (pinned, asynchronous copies)."""
+        """The source's blocks as float32 tensors on the device (pinned, asynchronous copies).
+        An array goes up to a GPU once, whole, and both passes read it there."""
+        if isinstance(source, _ArraySource) and self.device.type == "cuda":
+            yield from source.on(self.device).split(_READ_BLOCK, dim=1)
+            return
         blocks = source.blocks(_READ_BLOCK)
         while True:
             with self._phase("decode"):

@@ -77,7 +77,7 @@ def is_catalog_source(source: str, storage_options: dict[str, Any] | None = None
     """
     fs, path = open_location(source, storage_options)
     kind = _kind(fs, path, str(source))
-    if kind == "missing" and posixpath.splitext(path)[1].lower() in AUDIO_EXTENSIONS:
+    if kind == "missing" and is_audio_name(path):
         return False  # a missing audio file: the file path says "no such file" at once
     return kind != "file" or posixpath.splitext(path)[1].lower() in MANIFEST_EXTENSIONS
 
