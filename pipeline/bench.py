@@ -8,13 +8,24 @@ One run of :func:`run_bench` measures, on the same stereo audio and the same wei
 - the *engine*: :meth:`pipeline.separator.Separator.separate_file` from an audio file to four
   encoded stem files, end to end (decoding, resampling, network, least-squares scaling,
   resampling back, encoding; loading the model is not timed);
+- where that time goes: the same file again with the engine's :class:`PhaseClock`, which
+  synchronises the device at every phase boundary and charges each phase its own seconds
+  (decode, resample_in, network, resample_out with the least squares and the copies down,
+  encode); then the engine in memory (:meth:`Separator.separate`) and the network alone over the
+  engine's windows (stage signals already on the device);
 - the *agreement*: SDR in dB of the engine's windowed last-stage output against the model's own
   single-pass output over the whole track (``inference`` with one chunk), per stem; the minimum
   over stems is reported. The reference's chunked output is scored the same way.
 
+:func:`run_throughput` is the catalog's view: N different tracks through the model stage of a
+catalog worker (:meth:`Separator.separate_files`, several tracks per call on a GPU), in one
+process without Ray, for the aggregate real-time factor and, on CUDA, the GPU-busy fraction
+(CUDA events around every forward pass).
+
 Each timed path runs in a fresh process (``spawn``), so its peak resident memory is its own:
 Python, torch, the weights and the work, and nothing left over from the other path or from making
 the test audio. On CUDA the peak of ``torch.cuda.max_memory_allocated`` is reported as well.
+Nothing here imports Ray or Prefect: the bench runs where only torch and the audio libraries are.
 
 The audio (:func:`bench_audio`) is a deterministic music-like stereo signal made with numpy
 (drum hits, a bass line, chords, a vibrato lead with phrasing), so that runs on different machines
