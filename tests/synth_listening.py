@@ -1,7 +1,7 @@
 """Listening-check picture of a synthetic track: the mixture's spectrogram with the notes of
 ``notes.parquet`` drawn over it, above the stems' levels.
 
-    python tests/synth_listening.py OUT/index.parquet TRACK_NAME picture.png
+    python tests/synth_listening.py OUT/index.parquet TRACK_NAME picture.png [DPI]
 
 Pitched notes are lines at their fundamental frequency, drum hits ticks along the top. Sections
 from the index are marked on both panels, with the stems that play in each, so one can see at a
@@ -51,7 +51,9 @@ def note_lines(notes: list[dict]) -> LineCollection:
     return LineCollection(segments, colors=colours, linewidths=1.2)
 
 
-def plot_track(track_dir: Path, row: dict, picture: Path, notes: list[dict] | None = None) -> Path:
+def plot_track(
+    track_dir: Path, row: dict, picture: Path, notes: list[dict] | None = None, dpi: int = 80
+) -> Path:
     """Write ``picture``: spectrogram of ``track_dir``/mixture.wav with ``notes`` (rows of
     notes.parquet) over it, the stem levels below, and the sections on both."""
     mixture, rate = read_audio(track_dir / "mixture.wav")
@@ -59,7 +61,7 @@ def plot_track(track_dir: Path, row: dict, picture: Path, notes: list[dict] | No
     power, freqs, times = mlab.specgram(mixture.mean(axis=0), NFFT=4096, Fs=rate, noverlap=3072)
     keep = (freqs >= 30) & (freqs <= 8000)
     top.pcolormesh(
-        times, freqs[keep], 10 * np.log10(power[keep] + 1e-13), cmap="gray_r", vmin=-100, vmax=-25
+        times, freqs[keep], 10 * np.log10(power[keep] + 1e-13), cmap="gray_r", vmin=-85, vmax=-25
     )
     top.set_yscale("log")
     top.set_ylim(30, 8000)
@@ -88,12 +90,12 @@ def plot_track(track_dir: Path, row: dict, picture: Path, notes: list[dict] | No
             section["start"] + 0.1, -6, f"{section['name']}\n{playing}", va="top", fontsize=9
         )
     figure.tight_layout()
-    figure.savefig(picture, dpi=80)
+    figure.savefig(picture, dpi=dpi)
     plt.close(figure)
     return picture
 
 
-def main(index_path: str, name: str, picture: str) -> None:
+def main(index_path: str, name: str, picture: str, dpi: str = "80") -> None:
     index = Path(index_path)
     rows = [row for row in pq.read_table(index).to_pylist() if row["name"] == name]
     if not rows:
@@ -102,7 +104,7 @@ def main(index_path: str, name: str, picture: str) -> None:
         index.parent / "notes.parquet",
         filters=[("split", "==", rows[0]["split"]), ("name", "==", name)],
     ).to_pylist()
-    plot_track(index.parent / rows[0]["path"], rows[0], Path(picture), notes)
+    plot_track(index.parent / rows[0]["path"], rows[0], Path(picture), notes, int(dpi))
 
 
 if __name__ == "__main__":
