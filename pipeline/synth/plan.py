@@ -1,8 +1,8 @@
 """The plan of one synthetic track: every musical decision above the note level.
 
 ``plan_track(seed, seconds)`` picks a style, tempo, meter, key and mode, a song form whose
-sections switch stems on and off (vocals never play in intros, drums never in breakdowns), the
-chord progressions, the instruments of every stem with their pan, level and effect sends, and the
+sections switch stems on and off (vocals never play in intros, drums never in breakdowns, and
+every stem plays in sections that make up ``PLAN_SHARE`` of the track), the chord progressions, the instruments of every stem with their pan, level and effect sends, and the
 per-stem gains. The composers (``drums``, ``harmony``, ``vocals``) turn it into notes. Everything
 is drawn from a generator seeded by ``seed`` alone, so the seed rebuilds the track.
 """
@@ -359,6 +359,7 @@ def _beats(spans: list[tuple[str, float, float]], keep: list[bool]) -> float:
 def _section(
     rng: np.random.Generator, name: str, start: float, end: float, first_verse: bool = False
 ) -> Section:
+    """A section whose stems are drawn with the probabilities of ``PRESENCE``."""
     presence = dict(PRESENCE[name])
     if first_verse:
         presence["drums"] = 0.75  # songs often bring the drums in after the first verse

@@ -1,4 +1,7 @@
-"""Rendering MIDI with the FluidSynth command-line synthesizer and a General MIDI SoundFont.
+"""Rendering MIDI with the FluidSynth command-line synthesizer and General MIDI SoundFonts.
+
+Each track is rendered with one SoundFont of a list, picked from the track's seed, so that a set
+has more than one timbre per instrument while a seed and the list still fix every sample.
 
 FluidSynth renders faster than real time, offline and deterministically: with its output in
 32-bit float there is neither dither nor clipping, so the same MIDI file always gives the same
