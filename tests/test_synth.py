@@ -187,8 +187,8 @@ def test_stems_sound_where_their_notes_are_and_are_silent_elsewhere(long_track):
         spans = [(n["onset"], n["offset"]) for n in track_notes if n["stem"] == stem]
         for section in row["sections"]:
             start, end = section["start"], section["end"]
-            # a note may end up to half a MIDI tick past its section (0.3 ms at these tempos)
-            sounding = any(onset < end and offset > start + 1e-3 for onset, offset in spans)
+            # a note may reach half a MIDI tick past its section (0.3 ms at these tempos)
+            sounding = any(onset < end - 1e-3 and offset > start + 1e-3 for onset, offset in spans)
             assert sounding == (stem in section["stems"]), (section, stem)
             segment = audio[:, round((start + GATE_SECONDS) * RATE) : round(end * RATE)]
             label = f"{section['name']}@{start:.1f}s {stem}"
