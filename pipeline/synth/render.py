@@ -101,9 +101,9 @@ def find_synthesizer(
     if not soundfonts:
         soundfonts = installed_soundfonts()
         if not soundfonts:
-            first = next(iter(DEFAULT_SOUNDFONTS.values()))[0]
+            looked = " or ".join(str(paths[0]) for paths in DEFAULT_SOUNDFONTS.values())
             raise SynthError(
-                f"no General MIDI SoundFont at {first}: install the Debian packages "
+                f"no General MIDI SoundFont at {looked}: install the Debian packages "
                 f"{packages} (apt-get install {packages}) or pass --soundfont PATH"
             )
     for soundfont in soundfonts:
