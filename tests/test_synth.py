@@ -149,7 +149,8 @@ def test_mixture_is_the_sum_of_the_stems(dataset, rows):
 
 def test_every_stem_plays_in_most_of_every_track_whatever_its_length():
     lengths = (5.0, 7.5, 10.0, 12.5, 15.0, 16.0, 20.0, 25.0, 30.0, 45.0, 60.0, 90.0, 120.0)
-    for seed in range(3 * len(lengths)):
+    # Of 600 plans tried once, the least share was 52% (vocals).
+    for seed in range(4 * len(lengths)):
         seconds = lengths[seed % len(lengths)]
         plan = plan_track(seed, seconds)
         if seconds < SINGLE_SECTION_SECONDS:
