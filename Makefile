@@ -6,10 +6,11 @@ BIN := $(VENV)/bin
 # build. On a GPU machine: make TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"
 TORCH_SPEC ?= torch==2.13.0
 # chromium: the headless browser that the metasep serve test drives (through Playwright).
-APT_PACKAGES := ffmpeg fluidsynth fluid-soundfont-gm chromium
+APT_PACKAGES := ffmpeg fluidsynth fluid-soundfont-gm timgm6mb-soundfont chromium
 SYSTEM_TOOLS := ffmpeg ffprobe fluidsynth chromium
-# The General MIDI SoundFont `metasep synth` renders with (Debian package fluid-soundfont-gm).
-SOUNDFONT := /usr/share/sounds/sf2/FluidR3_GM.sf2
+# The General MIDI SoundFonts `metasep synth` renders with (Debian packages fluid-soundfont-gm
+# and timgm6mb-soundfont).
+SOUNDFONTS := /usr/share/sounds/sf2/FluidR3_GM.sf2 /usr/share/sounds/sf2/TimGM6mb.sf2
 
 .PHONY: run test lint format system-deps clean
 
@@ -31,7 +32,7 @@ format: $(VENV)/.installed-dev
 
 system-deps:
 	@missing=""; for tool in $(SYSTEM_TOOLS); do command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; done; \
-	[ -f $(SOUNDFONT) ] || missing="$$missing $(SOUNDFONT)"; \
+	for font in $(SOUNDFONTS); do [ -f $$font ] || missing="$$missing $$font"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = "0" ]; then \
 	    echo "installing system packages: $(APT_PACKAGES)"; \

@@ -32,7 +32,11 @@ import soundfile as sf
 import soxr
 import torch
 
-FORMATS = {"flac": ("FLAC", "PCM_24"), "wav": ("WAV", "FLOAT")}
+FORMATS = {"flac": ("FLAC", "PCM_24"), "wav": ("WAV", "FLOAT")}  # the stem formats users pick
+# Encodings the project also writes but offers no user to pick: 16-bit PCM WAV, for the datasets
+# of ``metasep synth``, whose int16 samples go to the file as they are (exact sums of stems).
+_ENCODINGS = {**FORMATS, "wav16": ("WAV", "PCM_16")}
+_SET_ADD_PEAK_CHUNK = 0x1050  # libsndfile's SFC_SET_ADD_PEAK_CHUNK, which soundfile does not name
 _BLOCK = 1 << 18  # frames per block when reading whole files
 
 
@@ -161,7 +165,7 @@ class AudioWriter:
     in the destination's folder and is renamed over the destination only when complete."""
 
     def __init__(self, path: str | Path, rate: int, channels: int, format: str = "flac") -> None:
-        container, subtype = _format(format)
+        _, subtype = _format(format)
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         descriptor, partial = tempfile.mkstemp(
@@ -170,15 +174,11 @@ class AudioWriter:
         os.close(descriptor)
         self._partial = Path(partial)
         self._clip = subtype != "FLOAT"
-        self._file = sf.SoundFile(
-            partial, "w", samplerate=rate, channels=channels, format=container, subtype=subtype
-        )
+        self._file = _open_for_writing(partial, rate, channels, format)
 
     def write(self, block: np.ndarray) -> None:
-        block = np.asarray(block, dtype=np.float32)
-        if self._clip:
-            block = np.clip(block, -1.0, 1.0)
-        self._file.write(block.T)
+        """Append a (channels, frames) block: int16 as it is, anything else as float32."""
+        self._file.write(_encodable(block, self._clip).T)
 
     def commit(self) -> Path:
         self._file.close()
@@ -202,22 +202,49 @@ class AudioWriter:
 def write_audio(
     destination: str | Path | BinaryIO, audio: np.ndarray, rate: int, format: str = "flac"
 ) -> None:
-    """Encode float32 (channels, samples) audio as FLAC (24-bit) or WAV (32-bit float).
+    """Encode (channels, samples) audio as FLAC (24-bit) or WAV (32-bit float, or 16-bit "wav16").
 
-    FLAC is integer PCM, so samples beyond [-1, 1] are clipped; WAV keeps them. A path is written
-    atomically (temporary name, then rename).
+    Float samples are encoded as float32; integer PCM clips them to [-1, 1], float WAV keeps
+    them. int16 samples are written as they are, so a "wav16" file holds exactly those integers.
+    The bytes depend on the samples alone. A path is written atomically (temporary name, then
+    rename).
     """
-    audio = np.asarray(audio, dtype=np.float32)
+    audio = np.asarray(audio)
     if audio.ndim != 2:
         raise ValueError(f"expected (channels, samples) audio, got shape {audio.shape}")
     if isinstance(destination, str | Path):
         with AudioWriter(destination, rate, audio.shape[0], format) as writer:
             writer.write(audio)
         return
+    _, subtype = _format(format)
+    with _open_for_writing(destination, rate, audio.shape[0], format) as file:
+        file.write(_encodable(audio, subtype != "FLOAT").T)
+
+
+def _open_for_writing(
+    target: str | Path | BinaryIO, rate: int, channels: int, format: str
+) -> sf.SoundFile:
+    """A file open for writing in ``format``, whose bytes will depend on the samples alone.
+
+    libsndfile adds a PEAK chunk to float WAV files with the time of writing in it, so two
+    writes of the same audio would differ; it is switched off (readers do not need it).
+    """
     container, subtype = _format(format)
-    if subtype != "FLOAT":
-        audio = np.clip(audio, -1.0, 1.0)
-    sf.write(destination, audio.T, rate, format=container, subtype=subtype)
+    file = sf.SoundFile(
+        target, "w", samplerate=rate, channels=channels, format=container, subtype=subtype
+    )
+    if container == "WAV" and subtype == "FLOAT":
+        sf._snd.sf_command(file._file, _SET_ADD_PEAK_CHUNK, sf._ffi.NULL, sf._snd.SF_FALSE)
+    return file
+
+
+def _encodable(audio: np.ndarray, clip: bool) -> np.ndarray:
+    """int16 samples unchanged; anything else as float32, clipped to [-1, 1] when ``clip``."""
+    audio = np.asarray(audio)
+    if audio.dtype == np.int16:
+        return audio
+    audio = audio.astype(np.float32, copy=False)
+    return np.clip(audio, -1.0, 1.0) if clip else audio
 
 
 def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
@@ -433,7 +460,7 @@ def _polyphase_taps(from_rate: int, to_rate: int) -> tuple[np.ndarray, int]:
 
 def _format(format: str) -> tuple[str, str]:
     try:
-        return FORMATS[format]
+        return _ENCODINGS[format]
     except KeyError:
         raise ValueError(f"unknown audio format {format!r} (use {' or '.join(FORMATS)})") from None
 

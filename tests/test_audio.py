@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import subprocess
 
@@ -16,6 +17,7 @@ from pipeline.audio import (
     open_audio,
     read_audio,
     resample,
+    write_audio,
 )
 
 RATE = 22050
@@ -102,6 +104,23 @@ def test_interrupted_write_leaves_no_file(tmp_path):
     with AudioWriter(target, RATE, 2) as writer:
         writer.write(tones())
     assert [p.name for p in tmp_path.iterdir()] == ["out.flac"]
+
+
+def test_written_bytes_depend_on_the_samples_alone(tmp_path):
+    """No PEAK chunk in float WAV (libsndfile stamps the time of writing into it), to a path or a
+    file object alike; int16 samples reach a 16-bit WAV exactly."""
+    audio = tones()
+    pcm = np.round(audio * 32767).astype(np.int16)
+    for format, samples in (("wav", audio), ("wav16", pcm), ("flac", audio)):
+        path = tmp_path / f"tones-{format}"
+        write_audio(path, samples, RATE, format)
+        buffer = io.BytesIO()
+        write_audio(buffer, samples, RATE, format)
+        assert buffer.getvalue() == path.read_bytes()
+        assert b"PEAK" not in buffer.getvalue()
+    written, _ = sf.read(tmp_path / "tones-wav16", dtype="int16", always_2d=True)
+    assert sf.info(tmp_path / "tones-wav16").subtype == "PCM_16"
+    assert np.array_equal(written.T, pcm)
 
 
 @pytest.mark.parametrize(("source", "target"), [(44100, 32000), (22050, 16000), (8000, 48000)])

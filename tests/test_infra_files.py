@@ -360,7 +360,8 @@ def test_dockerfile_builds_a_cuda_image_with_cuda_torch_and_the_cli():
     assert cmd.json and cmd.value[0] == "metasep"
     assert build_parser().parse_args(list(cmd.value[1:])).command == "demo"
     packages = " ".join(runs)
-    for package in ("ffmpeg", "fluidsynth", "fluid-soundfont-gm", "wget", "tini"):
+    apt = ("ffmpeg", "fluidsynth", "fluid-soundfont-gm", "timgm6mb-soundfont", "wget", "tini")
+    for package in apt:
         assert f" {package}" in packages
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline.cli import UsageError
 from pipeline.synth import SPLITS, SynthError, find_synthesizer, write_dataset
-from pipeline.synth.render import DEFAULT_SOUNDFONTS, SOUNDFONT_PACKAGE
+from pipeline.synth.render import DEFAULT_SOUNDFONTS
 
 MAX_TRACKS = 100_000
 SECONDS_RANGE = (1.0, 600.0)  # a 10-minute track already needs ~2.5 GB while it is levelled
@@ -21,9 +21,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "synth",
         help="render synthetic four-stem music (MUSDB18-HQ layout) with FluidSynth",
         description="Compose varied General-MIDI songs (form, drums, bass, accompaniment, a sung "
-        "lead), render every stem on its own with FluidSynth and write OUT/<split>/<track>/"
-        "{mixture,drums,bass,other,vocals}.wav (44.1 kHz stereo, the mixture the exact sum of "
-        "the stems) and OUT/index.parquet. The same seed gives the same files.",
+        "lead; every stem sounds in most of every track), render every stem on its own with "
+        "FluidSynth and write OUT/<split>/<track>/{mixture,drums,bass,other,vocals}.wav (44.1 kHz "
+        "stereo, the mixture the exact sum of the stems), the stems' MIDI files in <track>/midi/, "
+        "OUT/index.parquet (one row per track) and OUT/notes.parquet (one row per note). The "
+        "same seed and SoundFonts give the same files.",
     )
     parser.add_argument("out", type=Path, metavar="OUT", help="dataset folder (created if needed)")
     parser.add_argument(
@@ -39,8 +41,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--soundfont",
         type=Path,
+        nargs="+",
+        action="extend",
         metavar="PATH",
-        help=f"General MIDI .sf2 file (default: {DEFAULT_SOUNDFONTS[0]}, from {SOUNDFONT_PACKAGE})",
+        help="General MIDI .sf2 files, one picked per track by its seed (default: those of the "
+        f"Debian packages {' and '.join(DEFAULT_SOUNDFONTS)} that are installed)",
     )
     parser.add_argument(
         "--workers",
@@ -84,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"wrote {summary.tracks} tracks of {args.seconds:g} s ({encoding}, 44.1 kHz stereo) to "
         f"{summary.split_dir}/ in {summary.seconds:.1f} s ({rate:.1f} tracks/min); "
-        f"index {summary.index_path} has {summary.index_rows} rows"
+        f"index {summary.index_path} has {summary.index_rows} rows, "
+        f"{summary.notes_path} {summary.notes_rows} notes"
     )
     return 0
 

@@ -1,11 +1,13 @@
 """Writing a MUSDB18-HQ-shaped dataset: ``OUT/<split>/<track>/{mixture,drums,bass,other,vocals}.wav``.
 
-A track is planned, composed, and each stem rendered on its own, so stems never bleed into each
-other. Each stem gets its random gain and is silenced in the sections where the plan says it
-does not play (its last notes ring out over a short fade). The track is then scaled to its peak
-level, the stems quantised, and the mixture computed as the sum of the stems exactly as written.
-Files go to a temporary folder that is renamed into place when complete, and
-``OUT/index.parquet`` gets one row per track with everything needed to use or rebuild it.
+A track is planned, composed, and each stem rendered on its own from its MIDI file, so stems
+never bleed into each other; the SoundFont is picked per track from the seed. Each stem gets its
+random gain and is silenced in the sections where the plan says it does not play (its last notes
+ring out over a short fade). The track is then scaled to its peak level, the stems quantised,
+and the mixture computed as the sum of the stems exactly as written. The MIDI files stay beside
+the audio (``midi/<stem>.mid``). Files go to a temporary folder that is renamed into place when
+complete; ``OUT/index.parquet`` gets one row per track with everything needed to use or rebuild
+it, and ``OUT/notes.parquet`` one row per note of the MIDI files.
 """
 
 from __future__ import annotations
@@ -21,17 +23,35 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from model import STEMS
+from pipeline.audio import write_audio
+from pipeline.synth.music import Part
 from pipeline.synth.plan import TrackPlan, plan_track
 from pipeline.synth.render import SAMPLE_RATE, SynthError, Synthesizer
-from pipeline.synth.score import compose, write_midi
-from pipeline.synth.wav import write_wav
+from pipeline.synth.score import NOTE_COLUMNS, compose, note_columns, write_midi
 
 SPLITS = ("train", "test", "valid")
 INDEX_NAME = "index.parquet"
+NOTES_NAME = "notes.parquet"
+MIDI_DIR = "midi"  # beside a track's audio: <stem>.mid, the file that rendered the stem
+NOTE_SCHEMA = pa.schema(  # notes.parquet: the track (as in the index), then score.NOTE_COLUMNS
+    {
+        "split": pa.string(),
+        "name": pa.string(),
+        "stem": pa.string(),
+        "role": pa.string(),
+        "program": pa.int16(),
+        "drum": pa.string(),
+        "pitch": pa.int16(),
+        "onset": pa.float64(),
+        "offset": pa.float64(),
+        "velocity": pa.int16(),
+    }
+)
 TEMP_DIR = ".synth-tmp"  # beside the split folders, so that no reader mistakes it for a track
 GATE_SECONDS = 0.25  # fade that silences a stem at the start of a section it sits out
 TAIL_SECONDS = 0.5  # MIDI runs this far past the end so that rendering covers the whole track
@@ -52,6 +72,14 @@ class TrackJob:
 
 
 @dataclass(frozen=True)
+class BuiltTrack:
+    """A track written: its row of the index and its notes (a table of ``NOTE_SCHEMA``)."""
+
+    row: dict[str, Any]
+    notes: pa.Table
+
+
+@dataclass(frozen=True)
 class DatasetSummary:
     """What a run wrote."""
 
@@ -60,6 +88,8 @@ class DatasetSummary:
     split_dir: Path
     index_path: Path
     index_rows: int
+    notes_path: Path
+    notes_rows: int
 
 
 def track_seed(base_seed: int, split: str, index: int) -> int:
@@ -104,8 +134,9 @@ def write_dataset(
         )
         for index in range(tracks)
     ]
-    _read_rows(out / INDEX_NAME)  # an unreadable index stops the run before anything is rendered
-    rows: list[dict[str, Any]] = []
+    for name in (INDEX_NAME, NOTES_NAME):
+        _read_table(out / name)  # an unreadable table stops the run before anything is rendered
+    built: list[BuiltTrack] = []
     try:
         progress_bar = tqdm(
             _rendered(jobs, synth, workers),
@@ -114,23 +145,25 @@ def write_dataset(
             desc=f"synth {split}",
             disable=not progress,
         )
-        for row in progress_bar:
-            rows.append(row)
+        for track in progress_bar:
+            built.append(track)
     finally:
-        if rows:
-            update_index(out, rows)
+        if built:
+            update_tables(out, built)
         _remove_if_empty(out / TEMP_DIR)
     return DatasetSummary(
-        tracks=len(rows),
+        tracks=len(built),
         seconds=time.perf_counter() - started,
         split_dir=out / split,
         index_path=out / INDEX_NAME,
         index_rows=pq.ParquetFile(out / INDEX_NAME).metadata.num_rows,
+        notes_path=out / NOTES_NAME,
+        notes_rows=pq.ParquetFile(out / NOTES_NAME).metadata.num_rows,
     )
 
 
-def _rendered(jobs: list[TrackJob], synth: Synthesizer, workers: int) -> Iterator[dict[str, Any]]:
-    """The index rows of ``jobs`` as tracks complete, rendered by ``workers`` processes."""
+def _rendered(jobs: list[TrackJob], synth: Synthesizer, workers: int) -> Iterator[BuiltTrack]:
+    """The tracks of ``jobs`` as they complete, rendered by ``workers`` processes."""
     if workers <= 1 or len(jobs) == 1:
         for job in jobs:
             yield build_track(job, synth)
@@ -146,36 +179,46 @@ def _rendered(jobs: list[TrackJob], synth: Synthesizer, workers: int) -> Iterato
                 future.cancel()
 
 
-def build_track(job: TrackJob, synth: Synthesizer) -> dict[str, Any]:
-    """Plan, compose, render and write one track; returns its index row."""
+def build_track(job: TrackJob, synth: Synthesizer) -> BuiltTrack:
+    """Plan, compose, render and write one track with the SoundFont its seed picks."""
     plan = plan_track(job.seed, job.seconds)
+    soundfont = synth.soundfont_for(job.seed)
     samples = round(job.seconds * SAMPLE_RATE)
     work = job.out / TEMP_DIR / f"{job.split}-{job.name}"
     shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    (work / MIDI_DIR).mkdir(parents=True)
     try:
-        stems = render_stems(plan, synth, work, samples)
+        score = compose(plan)
+        stems = render_stems(plan, score, synth, soundfont, work, samples)
         for name, audio in level(stems, plan, job.float32).items():
-            write_wav(work / f"{name}.wav", audio, SAMPLE_RATE)
+            write_audio(work / f"{name}.wav", audio, SAMPLE_RATE, "wav" if job.float32 else "wav16")
         (job.out / job.split).mkdir(parents=True, exist_ok=True)
         _move_into_place(work, job.out / job.split / job.name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return index_row(job, plan, synth, samples)
+    columns = note_columns(plan, score)
+    count = len(columns["stem"])
+    track = {"split": [job.split] * count, "name": [job.name] * count}
+    notes = pa.table({**track, **columns}, schema=NOTE_SCHEMA)
+    return BuiltTrack(index_row(job, plan, synth, soundfont, samples), notes)
 
 
 def render_stems(
-    plan: TrackPlan, synth: Synthesizer, work: Path, samples: int
+    plan: TrackPlan,
+    score: dict[str, list[Part]],
+    synth: Synthesizer,
+    soundfont: Path,
+    work: Path,
+    samples: int,
 ) -> dict[str, np.ndarray]:
-    """Each stem rendered on its own, its gain applied and its sit-out sections silenced."""
-    score = compose(plan)
+    """Each stem rendered on its own from ``work/midi/<stem>.mid`` (kept), its gain applied and
+    its sit-out sections silenced."""
     end_beat = plan.total_beats + TAIL_SECONDS / plan.seconds_per_beat
     stems = {}
     for stem in STEMS:
-        midi = work / f"{stem}.mid"
+        midi = work / MIDI_DIR / f"{stem}.mid"
         write_midi(score[stem], plan.tempo_us, end_beat, midi)
-        audio = synth.render(midi, samples).astype(np.float64)
-        midi.unlink()
+        audio = synth.render(midi, samples, soundfont).astype(np.float64)
         stems[stem] = audio * (10 ** (plan.gains_db[stem] / 20)) * section_gate(plan, stem, samples)
     return stems
 
@@ -223,7 +266,9 @@ def level(stems: dict[str, np.ndarray], plan: TrackPlan, float32: bool) -> dict[
     return {"mixture": total.astype(np.int16), **written}
 
 
-def index_row(job: TrackJob, plan: TrackPlan, synth: Synthesizer, samples: int) -> dict[str, Any]:
+def index_row(
+    job: TrackJob, plan: TrackPlan, synth: Synthesizer, soundfont: Path, samples: int
+) -> dict[str, Any]:
     """The index row of a track (see README "Synthetic data" for the columns)."""
     row: dict[str, Any] = {
         "name": job.name,
@@ -249,28 +294,44 @@ def index_row(job: TrackJob, plan: TrackPlan, synth: Synthesizer, samples: int) 
     row["peak_db"] = plan.peak_db
     row["sections"] = plan.section_times()
     row["effects"] = synth.effects
-    row["soundfont"] = synth.soundfont.name
+    row["soundfont"] = soundfont.name
     return row
 
 
-def update_index(out: Path, rows: list[dict[str, Any]]) -> None:
-    """Add ``rows`` to ``out/index.parquet``, replacing older rows of the same tracks."""
-    path = out / INDEX_NAME
-    replaced = {(row["split"], row["name"]) for row in rows}
-    kept = [row for row in _read_rows(path) if (row["split"], row["name"]) not in replaced]
-    merged = sorted(kept + rows, key=lambda row: (row["split"], row["name"]))
-    partial = path.with_name(f".{INDEX_NAME}.partial")
-    pq.write_table(pa.Table.from_pylist(merged), partial)
+def update_tables(out: Path, built: list[BuiltTrack]) -> None:
+    """Add the tracks to ``out/index.parquet`` and ``out/notes.parquet``, replacing the rows of
+    older tracks of the same split and name."""
+    replaced = {(track.row["split"], track.row["name"]) for track in built}
+    old_rows = _read_table(out / INDEX_NAME)
+    kept = [] if old_rows is None else old_rows.to_pylist()
+    kept = [row for row in kept if (row["split"], row["name"]) not in replaced]
+    rows = sorted(kept + [track.row for track in built], key=lambda r: (r["split"], r["name"]))
+    _write_table(pa.Table.from_pylist(rows), out / INDEX_NAME)
+    notes = [track.notes for track in built]
+    old_notes = _read_table(out / NOTES_NAME)
+    if old_notes is not None:
+        keys = pc.binary_join_element_wise(old_notes["split"], old_notes["name"], "/")
+        gone = pa.array([f"{split}/{name}" for split, name in replaced])
+        notes.append(old_notes.filter(pc.invert(pc.is_in(keys, value_set=gone))))
+    order = [(column, "ascending") for column in ("split", "name", *NOTE_COLUMNS)]
+    _write_table(pa.concat_tables(notes).sort_by(order), out / NOTES_NAME)
+
+
+def _write_table(table: pa.Table, path: Path) -> None:
+    """Write ``table`` to ``path`` under a temporary name first, so no reader sees half a file."""
+    partial = path.with_name(f".{path.name}.partial")
+    pq.write_table(table, partial)
     partial.replace(path)
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
+def _read_table(path: Path) -> pa.Table | None:
+    """The table at ``path``, or None when there is none yet."""
     if not path.exists():
-        return []
+        return None
     try:
-        return pq.read_table(path).to_pylist()
+        return pq.read_table(path)
     except (pa.ArrowException, OSError) as error:
-        raise SynthError(f"{path} exists but is not a readable index: {error}") from None
+        raise SynthError(f"{path} exists but is not a readable table: {error}") from None
 
 
 def _move_into_place(work: Path, final: Path) -> None:

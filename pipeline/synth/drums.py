@@ -19,6 +19,14 @@ CLOSED_HAT, PEDAL_HAT, OPEN_HAT = 42, 44, 46
 CRASH, RIDE, TAMBOURINE = 49, 51, 54
 TOMS = (50, 48, 47, 45, 43, 41)  # high to low
 ELECTRONIC_KITS = (24, 25)
+# The kit pieces the grooves play, by GM percussion key: the labels of the note table.
+DRUM_PIECES = {
+    KICK: "kick", SIDE_STICK: "side_stick", SNARE: "snare", CLAP: "clap",
+    ELECTRIC_SNARE: "electric_snare", CLOSED_HAT: "closed_hat", PEDAL_HAT: "pedal_hat",
+    OPEN_HAT: "open_hat", CRASH: "crash", RIDE: "ride", TAMBOURINE: "tambourine",
+    **dict(zip(TOMS, ("high_tom", "high_mid_tom", "low_mid_tom", "low_tom", "high_floor_tom",
+                      "low_floor_tom"), strict=True)),
+}  # fmt: skip
 RINGING = {CRASH: 3.0, RIDE: 1.0, OPEN_HAT: 0.5}  # beats a cymbal note is held
 STEP = 0.25  # beats per pattern step
 VELOCITY = {"X": 112, "x": 96, "o": 55}

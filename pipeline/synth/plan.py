@@ -1,8 +1,8 @@
 """The plan of one synthetic track: every musical decision above the note level.
 
 ``plan_track(seed, seconds)`` picks a style, tempo, meter, key and mode, a song form whose
-sections switch stems on and off (vocals never play in intros, drums never in breakdowns), the
-chord progressions, the instruments of every stem with their pan, level and effect sends, and the
+sections switch stems on and off (vocals never play in intros, drums never in breakdowns, and
+every stem plays in sections that make up ``PLAN_SHARE`` of the track), the chord progressions, the instruments of every stem with their pan, level and effect sends, and the
 per-stem gains. The composers (``drums``, ``harmony``, ``vocals``) turn it into notes. Everything
 is drawn from a generator seeded by ``seed`` alone, so the seed rebuilds the track.
 """
@@ -119,6 +119,10 @@ PRESENCE: dict[str, dict[str, float]] = {
     "outro": {"drums": 0.5, "bass": 0.6, "other": 1.0, "vocals": 0.3},
 }
 INTENSITY = {"intro": 0.3, "verse": 0.55, "chorus": 0.9, "breakdown": 0.3, "outro": 0.5}
+# Every stem plays in sections that make up at least this share of the track, so that it sounds
+# in well over 40% of it (a scorer such as museval cannot use a silent reference).
+PLAN_SHARE = 0.6
+SINGLE_SECTION_SECONDS = 16.0  # shorter tracks are one verse or chorus with all four stems
 
 
 @dataclass(frozen=True)
@@ -210,7 +214,7 @@ def plan_track(seed: int, seconds: float) -> TrackPlan:
     mode = _choice(rng, MODE_WEIGHTS)
     key_root = int(rng.integers(12))
     total_beats = seconds * 1e6 / tempo_us
-    sections = _sections(rng, total_beats, beats_per_bar, bar_seconds)
+    sections = _sections(rng, seconds, total_beats, beats_per_bar, bar_seconds)
     chords = _chords(rng, sections, key_root, mode, style_name, beats_per_bar, bar_seconds)
     parts = {
         "drums": (_part_spec(rng, "kit", int(rng.choice(style.kits)), pan_width=10),),
@@ -254,9 +258,33 @@ def _section_bars(rng: np.random.Generator, name: str, bar_seconds: float) -> in
 
 
 def _sections(
-    rng: np.random.Generator, total_beats: float, beats_per_bar: int, bar_seconds: float
+    rng: np.random.Generator,
+    seconds: float,
+    total_beats: float,
+    beats_per_bar: int,
+    bar_seconds: float,
 ) -> tuple[Section, ...]:
-    """A window of a song form covering ``total_beats``: from its start or from a later section."""
+    """The sections of the track and the stems that play in each (see ``PLAN_SHARE``).
+
+    A short track is one section with every stem; a longer one a window of a song form, with
+    intros or breakdowns turned into verses where they would keep the vocals or the drums out of
+    too much of it, and stems added to sections until each plays in ``PLAN_SHARE`` of the track.
+    """
+    if seconds < SINGLE_SECTION_SECONDS:
+        name = "chorus" if rng.random() < 0.5 else "verse"
+        return (dataclasses.replace(_section(rng, name, 0.0, total_beats), stems=STEMS),)
+    spans = _opened(_form(rng, total_beats, beats_per_bar, bar_seconds), total_beats)
+    sections = []
+    for index, (name, start, end) in enumerate(spans):
+        first_verse = name == "verse" and all(span[0] != "verse" for span in spans[:index])
+        sections.append(_section(rng, name, start, end, first_verse))
+    return _filled(sections, total_beats)
+
+
+def _form(
+    rng: np.random.Generator, total_beats: float, beats_per_bar: int, bar_seconds: float
+) -> list[tuple[str, float, float]]:
+    """(name, start, end) of a window of a song form covering ``total_beats``."""
     form = list(FORMS[int(rng.integers(len(FORMS)))])
     start = 0 if rng.random() < 0.5 else int(rng.integers(len(form)))
     names = form[start:]
@@ -268,34 +296,76 @@ def _sections(
             names.insert(insert_at, name)
             lengths.insert(insert_at, _section_bars(rng, name, bar_seconds))
             insert_at += 1
-    sections: list[Section] = []
+    spans: list[tuple[str, float, float]] = []
     beat = 0.0
-    for index, (name, bars) in enumerate(zip(names, lengths, strict=True)):
+    for name, bars in zip(names, lengths, strict=True):
         end = min(beat + bars * beats_per_bar, total_beats)
-        if end >= total_beats and total_beats - beat < beats_per_bar and sections:
-            sections[-1] = _with_end(sections[-1], total_beats)  # no sliver of a section at the end
+        if end >= total_beats and total_beats - beat < beats_per_bar and spans:
+            spans[-1] = (*spans[-1][:2], total_beats)  # no sliver of a section at the end
             break
-        first_verse = name == "verse" and "verse" not in names[:index]
-        sections.append(_section(rng, name, beat, end, first_verse))
+        spans.append((name, beat, end))
         beat = end
         if beat >= total_beats:
             break
-    return tuple(sections)
+    return spans
+
+
+def _opened(
+    spans: list[tuple[str, float, float]], total_beats: float
+) -> list[tuple[str, float, float]]:
+    """Turn the longest intros (no vocals) and breakdowns (no drums) into verses while they keep
+    a stem out of more than ``1 - PLAN_SHARE`` of the track."""
+    spans = list(spans)
+    for closed in ("intro", "breakdown"):
+        while (
+            _beats(spans, [name != closed for name, _, _ in spans])
+            < PLAN_SHARE * total_beats - 1e-9
+        ):
+            index = max(
+                (i for i, span in enumerate(spans) if span[0] == closed),
+                key=lambda i: (spans[i][2] - spans[i][1], -i),
+            )
+            spans[index] = ("verse", *spans[index][1:])
+    return spans
+
+
+def _filled(sections: list[Section], total_beats: float) -> tuple[Section, ...]:
+    """Add each stem to sections it sits out (the kind where it is likeliest first, then the
+    longest) until it plays in ``PLAN_SHARE`` of the track."""
+    playing = [set(section.stems) for section in sections]
+    spans = [(section.name, section.start, section.end) for section in sections]
+    for stem in STEMS:
+        while _beats(spans, [stem in stems for stems in playing]) < PLAN_SHARE * total_beats - 1e-9:
+            index = max(
+                (
+                    i
+                    for i, (name, _, _) in enumerate(spans)
+                    if stem not in playing[i] and PRESENCE[name][stem] > 0
+                ),
+                key=lambda i: (PRESENCE[spans[i][0]][stem], spans[i][2] - spans[i][1], -i),
+            )
+            playing[index].add(stem)
+    return tuple(
+        dataclasses.replace(section, stems=tuple(stem for stem in STEMS if stem in stems))
+        for section, stems in zip(sections, playing, strict=True)
+    )
+
+
+def _beats(spans: list[tuple[str, float, float]], keep: list[bool]) -> float:
+    """The beats covered by the spans that ``keep`` marks."""
+    return sum(end - start for (_, start, end), kept in zip(spans, keep, strict=True) if kept)
 
 
 def _section(
-    rng: np.random.Generator, name: str, start: float, end: float, first_verse: bool
+    rng: np.random.Generator, name: str, start: float, end: float, first_verse: bool = False
 ) -> Section:
+    """A section whose stems are drawn with the probabilities of ``PRESENCE``."""
     presence = dict(PRESENCE[name])
     if first_verse:
         presence["drums"] = 0.75  # songs often bring the drums in after the first verse
     stems = tuple(stem for stem in STEMS if rng.random() < presence[stem])
     intensity = float(np.clip(INTENSITY[name] + rng.uniform(-0.1, 0.1), 0.0, 1.0))
     return Section(name=name, start=start, end=end, stems=stems, intensity=intensity)
-
-
-def _with_end(section: Section, end: float) -> Section:
-    return Section(section.name, section.start, end, section.stems, section.intensity)
 
 
 def _chords(

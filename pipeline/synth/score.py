@@ -1,4 +1,4 @@
-"""The score of a track: the composers' parts per stem, and each stem written as a MIDI file."""
+"""The score of a track: the composers' parts per stem, each stem's MIDI file and its notes."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import mido
 import numpy as np
 
 from model import STEMS
-from pipeline.synth.drums import compose_drums
+from pipeline.synth.drums import DRUM_PIECES, compose_drums
 from pipeline.synth.harmony import compose_bass, compose_other
-from pipeline.synth.music import Note, Part
+from pipeline.synth.music import Part
 from pipeline.synth.plan import TrackPlan
 from pipeline.synth.vocals import compose_vocals
 
@@ -18,6 +18,7 @@ TICKS_PER_BEAT = 960
 DRUM_CHANNEL = 9  # the GM percussion channel ("channel 10")
 # Order of events that share a tick: set-up and controllers, bends, note-offs, then note-ons.
 SETUP, BEND, NOTE_OFF, NOTE_ON = range(4)
+NOTE_COLUMNS = ("stem", "role", "program", "drum", "pitch", "onset", "offset", "velocity")
 
 
 def compose(plan: TrackPlan) -> dict[str, list[Part]]:
@@ -39,48 +40,31 @@ def write_midi(parts: list[Part], tempo_us: int, end_beat: float, path: Path) ->
     """Write ``parts`` as a type-0 MIDI file that lasts until ``end_beat``.
 
     Each part gets its own channel (drums the percussion channel) with its program, volume, pan
-    and effect sends set at the start. Events are ordered by tick and then by kind, so the file
-    is the same byte for byte whenever the parts are.
+    and effect sends set at the start; its notes are those of :func:`written_notes`. Events are
+    ordered by tick and then by kind, so the file is the same byte for byte whenever the parts
+    are.
     """
     events: list[tuple[int, int, int, mido.Message]] = []
 
-    def add(beat: float, kind: int, message: mido.Message) -> None:
-        events.append((_tick(beat), kind, len(events), message))
+    def add(tick: int, kind: int, message: mido.Message) -> None:
+        events.append((tick, kind, len(events), message))
 
-    melodic_channels = (channel for channel in range(16) if channel != DRUM_CHANNEL)
-    for part in parts:
-        channel = DRUM_CHANNEL if part.is_drum else next(melodic_channels)
-        add(0.0, SETUP, mido.Message("program_change", channel=channel, program=part.program))
-        for control, value in (
-            (7, part.volume),
-            (10, part.pan),
-            (91, part.reverb),
-            (93, part.chorus),
-        ):
-            add(
-                0.0,
-                SETUP,
-                mido.Message("control_change", channel=channel, control=control, value=value),
-            )
-        for beat, control, value in part.controls:
-            add(
-                beat,
-                SETUP,
-                mido.Message("control_change", channel=channel, control=control, value=value),
-            )
+    for part, channel in zip(parts, _channels(parts), strict=True):
+        add(0, SETUP, mido.Message("program_change", channel=channel, program=part.program))
+        settings = {7: part.volume, 10: part.pan, 91: part.reverb, 93: part.chorus}
+        changes = [(0.0, control, value) for control, value in settings.items()]
+        for beat, control, value in changes + part.controls:
+            message = mido.Message("control_change", channel=channel, control=control, value=value)
+            add(_tick(beat), SETUP, message)
         for beat, value in part.bends:
-            add(beat, BEND, mido.Message("pitchwheel", channel=channel, pitch=value))
-        for note in _without_overlaps(part.notes):
+            add(_tick(beat), BEND, mido.Message("pitchwheel", channel=channel, pitch=value))
+        for start, end, pitch, velocity in written_notes(part):
             add(
-                note.start,
+                start,
                 NOTE_ON,
-                mido.Message("note_on", channel=channel, note=note.pitch, velocity=note.velocity),
+                mido.Message("note_on", channel=channel, note=pitch, velocity=velocity),
             )
-            add(
-                note.end,
-                NOTE_OFF,
-                mido.Message("note_off", channel=channel, note=note.pitch, velocity=0),
-            )
+            add(end, NOTE_OFF, mido.Message("note_off", channel=channel, note=pitch, velocity=0))
     events.sort(key=lambda event: event[:3])
     track = mido.MidiTrack()
     track.append(mido.MetaMessage("set_tempo", tempo=tempo_us, time=0))
@@ -94,14 +78,42 @@ def write_midi(parts: list[Part], tempo_us: int, end_beat: float, path: Path) ->
     midi.save(path)
 
 
-def _without_overlaps(notes: list[Note]) -> list[Note]:
-    """Cut each note at the next onset of the same pitch: on one channel a note-off would end both.
+def note_columns(plan: TrackPlan, score: dict[str, list[Part]]) -> dict[str, list]:
+    """The notes of the MIDI files of a track as columns, one entry per note.
 
-    A note starting at the same tick as a later one of its pitch is dropped (a doubled hit).
+    Columns: stem, role, program (GM program; for drums the kit), drum (the kit piece, None for
+    pitched parts), pitch, onset and offset in seconds from the first sample, velocity. They come
+    from :func:`written_notes`, the very notes the MIDI files hold, at the files' tempo.
     """
-    kept: list[Note] = []
+    columns: dict[str, list] = {name: [] for name in NOTE_COLUMNS}
+    seconds_per_tick = plan.tempo_us / 1e6 / TICKS_PER_BEAT
+    for stem in STEMS:
+        for part in score[stem]:
+            for start, end, pitch, velocity in written_notes(part):
+                values = (
+                    stem,
+                    part.role,
+                    part.program,
+                    DRUM_PIECES[pitch] if part.is_drum else None,
+                    pitch,
+                    start * seconds_per_tick,
+                    end * seconds_per_tick,
+                    velocity,
+                )
+                for name, value in zip(NOTE_COLUMNS, values, strict=True):
+                    columns[name].append(value)
+    return columns
+
+
+def written_notes(part: Part) -> list[tuple[int, int, int, int]]:
+    """(onset tick, release tick, pitch, velocity) of the notes of ``part`` as the file has them.
+
+    Each note is cut at the next onset of the same pitch: on one channel a note-off would end
+    both. A note starting at the same tick as a later one of its pitch is dropped (a doubled hit).
+    """
+    kept: list[tuple[int, int, int, int]] = []
     following: dict[int, int] = {}  # pitch -> tick of the next onset seen so far
-    for note in sorted(notes, key=lambda note: (note.start, note.pitch, note.end), reverse=True):
+    for note in sorted(part.notes, key=lambda n: (n.start, n.pitch, n.end), reverse=True):
         start, end = _tick(note.start), _tick(note.end)
         next_onset = following.get(note.pitch)
         if next_onset is not None:
@@ -109,15 +121,14 @@ def _without_overlaps(notes: list[Note]) -> list[Note]:
                 continue
             end = min(end, next_onset)
         following[note.pitch] = start
-        kept.append(
-            Note(
-                start / TICKS_PER_BEAT,
-                max(end, start + 1) / TICKS_PER_BEAT,
-                note.pitch,
-                note.velocity,
-            )
-        )
+        kept.append((start, max(end, start + 1), note.pitch, note.velocity))
     return kept[::-1]
+
+
+def _channels(parts: list[Part]) -> list[int]:
+    """The MIDI channel of each part: drums on the percussion channel, the others in turn."""
+    melodic = (channel for channel in range(16) if channel != DRUM_CHANNEL)
+    return [DRUM_CHANNEL if part.is_drum else next(melodic) for part in parts]
 
 
 def _tick(beat: float) -> int:

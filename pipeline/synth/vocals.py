@@ -102,14 +102,14 @@ def _tune(
     notes: list[SungNote] = []
     pitch = nearest(scale, center)
     boundary = 0.0
-    rested = False
+    sung_since_rest = 0
     while boundary < length - 0.5:
         start = boundary + float(rng.choice([0.0, 0.0, 0.5, 1.0])) if notes else boundary
-        breath = min(float(rng.choice([0.5, 1.0, 1.5, 2.0])), phrase - 1.0)
+        breath = min(float(rng.choice([0.5, 1.0, 1.5, 2.0])), phrase / 4)  # sing 3/4 or more
         stop = min(boundary + phrase - max(breath, 0.5), length)
-        # Now and then a whole phrase of rest, never two in a row and never the first.
-        rest = bool(notes) and not rested and rng.random() < 0.12
-        rested = rest
+        # Now and then a whole phrase of rest, after three sung ones at least (so never the first).
+        rest = sung_since_rest >= 3 and rng.random() < 0.12
+        sung_since_rest = 0 if rest else sung_since_rest + 1
         if stop - start >= 0.5 and not rest:
             beat = start
             while beat < stop - 1e-9:
