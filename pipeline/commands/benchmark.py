@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli import UsageError
+from model import CheckpointError, resolve_checkpoint
+from pipeline.catalog.listing import CatalogError
+from pipeline.catalog.summary import format_summary
+from pipeline.commands import UsageError, launch
+from pipeline.commands.evaluate import exit_code, print_evaluation
+from pipeline.commands.options import add_cluster_arguments
 from pipeline.settings import load_settings, use_settings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from pipeline.catalog.cli import add_cluster_arguments
-
     parser = subparsers.add_parser(
         "benchmark",
         help="separate a test catalog with checkpoints and compare museval SDR (end to end)",
@@ -63,12 +66,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model import CheckpointError, resolve_checkpoint
-    from pipeline.catalog.cli import prepare_prefect
-    from pipeline.catalog.listing import CatalogError
-    from pipeline.catalog.summary import format_summary
-    from pipeline.commands.evaluate import exit_code, print_evaluation
-
     checkpoints = _checkpoints(args.checkpoint)
     for name, path in checkpoints.items():
         try:
@@ -80,14 +77,11 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{option} must be 1 or more, not {value}")
     if args.references is None and not 1.0 <= args.seconds <= 600.0:
         raise UsageError(f"--seconds must be between 1 and 600, not {args.seconds:g}")
-    prepare_prefect()
-    from flows.benchmark import benchmark
-
     # storage options (maybe credentials) reach the flow as settings, not as recorded parameters
     settings = load_settings(ray_address=args.ray_address, storage_options=args.storage_options)
     try:
         with use_settings(settings):
-            result = benchmark(
+            result = launch.benchmark(
                 str(args.out),
                 checkpoints,
                 references=args.references,

@@ -7,13 +7,13 @@ import argparse
 from typing import Any
 
 from model import STEMS
-from pipeline.cli import UsageError
+from pipeline.catalog.listing import CatalogError
+from pipeline.commands import UsageError, launch
+from pipeline.commands.options import add_cluster_arguments
 from pipeline.settings import load_settings, use_settings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from pipeline.catalog.cli import add_cluster_arguments
-
     parser = subparsers.add_parser(
         "evaluate",
         help="score estimates against a reference catalog with museval (SiSEC 2018 settings)",
@@ -64,23 +64,17 @@ def _targets(text: str) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.catalog.cli import prepare_prefect
-    from pipeline.catalog.listing import CatalogError
-
     *estimates, destination = args.locations
     if not estimates and not args.mixture_baseline:
         raise UsageError("give at least one estimate source EST before OUT (or --mixture-baseline)")
     for name, value in (("--workers", args.workers), ("--tracks", args.tracks)):
         if value is not None and value < 1:
             raise UsageError(f"{name} must be 1 or more, not {value}")
-    prepare_prefect()
-    from flows.evaluate import evaluate_catalog
-
     # storage options (maybe credentials) reach the flow as settings, not as recorded parameters
     settings = load_settings(ray_address=args.ray_address, storage_options=args.storage_options)
     try:
         with use_settings(settings):
-            summary = evaluate_catalog(
+            summary = launch.evaluate_catalog(
                 args.references,
                 estimates,
                 destination,

@@ -19,8 +19,9 @@ from tqdm import tqdm
 
 from model import STEMS, CheckpointError, resolve_checkpoint
 from pipeline.audio import FORMATS, AudioError
-from pipeline.catalog import cli as catalog
-from pipeline.cli import UsageError
+from pipeline.commands import UsageError
+from pipeline.commands import catalog as catalog_run
+from pipeline.commands.options import add_catalog_arguments, setting_help
 from pipeline.separator import (
     DEFAULT_BATCH,
     DEFAULT_CONTEXT,
@@ -51,9 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "-o", "--out", type=Path, default=Path("separated"), help="output folder (./separated)"
     )
-    parser.add_argument("--checkpoint", help=catalog.setting_help("checkpoint"))
-    parser.add_argument("--device", help=catalog.setting_help("device"))
-    parser.add_argument("--precision", choices=PRECISIONS, help=catalog.setting_help("precision"))
+    parser.add_argument("--checkpoint", help=setting_help("checkpoint"))
+    parser.add_argument("--device", help=setting_help("device"))
+    parser.add_argument("--precision", choices=PRECISIONS, help=setting_help("precision"))
     parser.add_argument(
         "--stems",
         type=_stem_list,
@@ -66,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="STEM",
         help="write STEM and no_STEM (the other three summed) only",
     )
-    parser.add_argument("--format", choices=FORMATS, help=catalog.setting_help("stem_format"))
+    parser.add_argument("--format", choices=FORMATS, help=setting_help("stem_format"))
     parser.add_argument(
         "--karaoke", action="store_true", help=f"also write {KARAOKE}: drums + bass + other"
     )
@@ -78,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(unnamed stems keep gain 1)",
     )
     add_window_arguments(parser)
-    catalog.add_catalog_arguments(parser)
+    add_catalog_arguments(parser)
     parser.set_defaults(handler=run)
 
 
@@ -106,8 +107,8 @@ def add_window_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, stem_format="format")
-    if catalog.wants_catalog(args.files, settings.options()):
-        return catalog.run_separate_command(args, settings)
+    if catalog_run.wants_catalog(args.files, settings.options()):
+        return catalog_run.run_separate_command(args, settings)
     args.files = [Path(name) for name in args.files]
     outputs = requested_outputs(args.stems, args.two_stems, args.karaoke, args.remix)
     separator = build_separator(args, settings)

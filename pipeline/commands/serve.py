@@ -14,9 +14,9 @@ import logging
 import socket
 from pathlib import Path
 
-from pipeline.catalog.cli import json_object, setting_help
 from pipeline.catalog.storage import open_location
-from pipeline.cli import UsageError
+from pipeline.commands import UsageError
+from pipeline.commands.options import json_object, setting_help
 from pipeline.commands.separate import build_separator
 from pipeline.separator import DEFAULT_BATCH, DEFAULT_CONTEXT, DEFAULT_SEGMENT, PRECISIONS
 from pipeline.settings import settings_from_args
