@@ -21,8 +21,8 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.ray_session import connect_ray, disconnect_ray
 from model import CheckpointError, load_checkpoint
+from pipeline.audio import FORMATS
 from pipeline.catalog.job import (
-    STEM_FORMATS,
     JobConfig,
     JobResult,
     identify_separator,
@@ -162,8 +162,8 @@ def separate_catalog(
     checkpoint, workers, ray_address = settings.checkpoint, settings.workers, settings.ray_address
     gpus_per_worker, precision = settings.gpus_per_worker, settings.precision
     stem_format, storage_options = settings.stem_format, settings.options()
-    if stem_format not in STEM_FORMATS:
-        raise CatalogError(f"stem format must be one of {', '.join(STEM_FORMATS)}")
+    if stem_format not in FORMATS:
+        raise CatalogError(f"stem format must be one of {', '.join(FORMATS)}")
     for location in (source, destination):
         if str(location).startswith("memory://"):
             raise CatalogError(

@@ -35,7 +35,6 @@ from pipeline.catalog.storage import full_url, open_location, read_audio_at, wri
 
 log = logging.getLogger(__name__)
 
-STEM_FORMATS = ("flac", "wav")
 _TRACK_COLUMNS = ("track_id", "source_uri", "source_size", "source_version")
 _URI_COLUMNS = tuple(f"{stem}_uri" for stem in STEMS)
 

@@ -11,7 +11,7 @@ import argparse
 from typing import Any
 
 from model import STEMS, CheckpointError, resolve_checkpoint
-from pipeline.catalog.job import STEM_FORMATS
+from pipeline.audio import FORMATS
 from pipeline.catalog.listing import CatalogError, is_catalog_source
 from pipeline.catalog.summary import format_summary
 from pipeline.commands import UsageError, launch
@@ -67,8 +67,8 @@ def run_catalog(
     options may hold credentials, and Prefect records parameters. The other settings are also
     passed as parameters, so that the run's page in Prefect shows them.
     """
-    if settings.stem_format not in STEM_FORMATS:
-        raise UsageError(f"stem format must be one of {', '.join(STEM_FORMATS)}")
+    if settings.stem_format not in FORMATS:
+        raise UsageError(f"stem format must be one of {', '.join(FORMATS)}")
     try:
         resolve_checkpoint(settings.checkpoint)  # before the flow starts: a missing file is a typo
     except CheckpointError as error:
