@@ -9,8 +9,9 @@ from typing import Any
 from model import STEMS
 from pipeline.catalog.listing import CatalogError
 from pipeline.commands import UsageError, launch
-from pipeline.commands.options import add_cluster_arguments
+from pipeline.commands.options import add_cluster_arguments, argument_type
 from pipeline.settings import load_settings, use_settings
+from pipeline.stems import parse_stems
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,7 +42,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--split", default="test", help="REFS/<split> (default: test)")
     parser.add_argument(
         "--targets",
-        type=_targets,
+        type=argument_type(parse_stems),
         default=STEMS,
         metavar="T,T",
         help=f"targets to score (default: {','.join(STEMS)})",
@@ -53,14 +54,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_cluster_arguments(parser)
     parser.add_argument("--run-id", help="name of the run (default: UTC time and a random suffix)")
     parser.set_defaults(handler=run)
-
-
-def _targets(text: str) -> tuple[str, ...]:
-    targets = tuple(t.strip() for t in text.split(",") if t.strip())
-    unknown = [t for t in targets if t not in STEMS]
-    if unknown or not targets:
-        raise argparse.ArgumentTypeError(f"choose among {', '.join(STEMS)}")
-    return targets
 
 
 def run(args: argparse.Namespace) -> int:

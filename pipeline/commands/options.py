@@ -4,10 +4,29 @@ text that names a setting's environment variable."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from pipeline.settings import Settings, env_name
+
+T = TypeVar("T")
+
+
+def argument_type(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse ``type`` from a parser that raises ``ValueError`` (those of
+    :mod:`pipeline.stems`): argparse prints only "invalid value" for a ``ValueError``, and the
+    parser's own message for an ``ArgumentTypeError``."""
+
+    @functools.wraps(parse)
+    def checked(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    return checked
 
 
 def setting_help(name: str, text: str | None = None) -> str:

@@ -9,7 +9,6 @@ is 1 when any file failed.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -21,7 +20,7 @@ from model import STEMS, CheckpointError, resolve_checkpoint
 from pipeline.audio import FORMATS, AudioError
 from pipeline.commands import UsageError
 from pipeline.commands import catalog as catalog_run
-from pipeline.commands.options import add_catalog_arguments, setting_help
+from pipeline.commands.options import add_catalog_arguments, argument_type, setting_help
 from pipeline.separator import (
     DEFAULT_BATCH,
     DEFAULT_CONTEXT,
@@ -30,6 +29,7 @@ from pipeline.separator import (
     Separator,
 )
 from pipeline.settings import Settings, settings_from_args
+from pipeline.stems import MAX_GAIN, parse_remix, parse_stems
 
 KARAOKE = "karaoke"
 REMIX = "remix"
@@ -57,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, help=setting_help("precision"))
     parser.add_argument(
         "--stems",
-        type=_stem_list,
+        type=argument_type(parse_stems),
         default=STEMS,
         help=f"comma-separated stems to write (default: {','.join(STEMS)})",
     )
@@ -73,10 +73,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--remix",
-        type=_remix,
+        type=argument_type(parse_remix),
         metavar="STEM=GAIN,...",
         help=f"also write {REMIX}: the stems re-balanced, e.g. vocals=1.2,drums=0.3 "
-        "(unnamed stems keep gain 1)",
+        f"(gains 0-{MAX_GAIN:g}; unnamed stems keep gain 1)",
     )
     add_window_arguments(parser)
     add_catalog_arguments(parser)
@@ -204,32 +204,6 @@ def track_name(path: Path) -> str:
 
 def _weights(gains: dict[str, float], default: float) -> tuple[float, ...]:
     return tuple(float(gains.get(stem, default)) for stem in STEMS)
-
-
-def _stem_list(text: str) -> tuple[str, ...]:
-    names = tuple(name.strip() for name in text.split(",") if name.strip())
-    unknown = [name for name in names if name not in STEMS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown stem(s) {', '.join(unknown) or text!r}; choose from {', '.join(STEMS)}"
-        )
-    return names
-
-
-def _remix(text: str) -> dict[str, float]:
-    gains = {}
-    for item in text.split(","):
-        stem, _, value = item.partition("=")
-        stem = stem.strip()
-        if stem not in STEMS:
-            raise argparse.ArgumentTypeError(f"unknown stem {stem!r} in {text!r}")
-        try:
-            gains[stem] = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{item!r} is not STEM=GAIN") from None
-        if not math.isfinite(gains[stem]):
-            raise argparse.ArgumentTypeError(f"{item!r}: the gain must be a finite number")
-    return gains
 
 
 def _error(message: str) -> None:

@@ -57,7 +57,8 @@ from pipeline.serve.jobs import (
     new_job_id,
     probe_audio,
 )
-from pipeline.serve.mix import parse_gains, render_mix
+from pipeline.serve.mix import render_mix
+from pipeline.stems import parse_gains
 
 log = logging.getLogger(__name__)
 STATIC = "static"
