@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline.serve.app import create_app
 
-    settings = _settings(args)
+    limits = _limits(args)
     shared = settings_from_args(args)  # checkpoint, device, precision, storage options
     catalog = _catalog(args, shared.options()) if args.catalog else None
     separator = build_separator(args, shared)
@@ -96,9 +96,9 @@ def run(args: argparse.Namespace) -> int:
         + "). Ctrl+C to stop.",
         flush=True,
     )
-    if settings.allowed_hosts is None:
+    if limits.allowed_hosts is None:
         log.warning("bound to %s: anyone who can reach it can use it (no accounts)", host)
-    app = create_app(separator, settings, catalog)
+    app = create_app(separator, limits, catalog)
     config = uvicorn.Config(
         app,
         log_level="debug" if args.verbose else "warning",
@@ -111,13 +111,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings(args: argparse.Namespace):
-    from pipeline.serve.app import Settings
+def _limits(args: argparse.Namespace):
+    from pipeline.serve.app import ServerLimits
 
     for name in ("max_upload_mb", "max_minutes", "keep_jobs", "max_queue"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be more than 0")
-    return Settings(
+    return ServerLimits(
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         max_seconds=args.max_minutes * 60.0,
         keep_jobs=args.keep_jobs,
