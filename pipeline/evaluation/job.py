@@ -23,9 +23,10 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline.audio import AudioError, resample
-from pipeline.catalog.job import WorkerStats, readable_error
+from pipeline.catalog.job import readable_error
 from pipeline.catalog.manifest import ManifestWriter
 from pipeline.catalog.references import MIXTURE, read_references
+from pipeline.catalog.runs import RunTally
 from pipeline.catalog.storage import open_location, read_audio_at, write_bytes
 from pipeline.evaluation.plan import Pair
 from pipeline.scoring import METRICS, SISEC_RATE, score_track, track_store
@@ -78,17 +79,13 @@ class EvaluationConfig:
 
 
 @dataclass
-class EvaluationResult:
-    """What the job did: counts, audio scored, and per-worker timing."""
+class EvaluationResult(RunTally):
+    """What the job did (:class:`pipeline.catalog.runs.RunTally`: counts, audio, per-worker
+    scoring time), the CPU time it cost, its failures and warnings."""
 
-    ok: int = 0
-    error: int = 0
-    audio_s: float = 0.0
     cpu_s: float = 0.0
-    wall_s: float = 0.0
     errors: list[tuple[str, str, str]] = field(default_factory=list)  # (method, track, message)
     warnings: list[tuple[str, str, str]] = field(default_factory=list)
-    workers: dict[str, WorkerStats] = field(default_factory=dict)
 
     @property
     def tracks_per_hour(self) -> float | None:
@@ -164,16 +161,13 @@ def _record(
         result.error += 1
         result.errors.append((*where, row["error"]))
         return
-    result.ok += 1
-    result.audio_s += row["duration_s"]
     result.cpu_s += row["cpu_seconds"]
-    stats = result.workers.setdefault(row["worker"], WorkerStats())
-    started = row["started_at"].timestamp()
-    stats.tracks += 1
-    stats.audio_s += row["duration_s"]
-    stats.model_s += row["score_seconds"]
-    stats.first_start = min(stats.first_start, started)
-    stats.last_end = max(stats.last_end, started + row["score_seconds"])
+    result.count_ok(
+        row["worker"],
+        audio_s=row["duration_s"],
+        started=row["started_at"].timestamp(),
+        busy_s=row["score_seconds"],
+    )
 
 
 def problem_row(pair: Pair) -> dict[str, Any]:
