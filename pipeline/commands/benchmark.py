@@ -7,12 +7,11 @@ from __future__ import annotations
 import argparse
 
 from model import CheckpointError, resolve_checkpoint
-from pipeline.catalog.listing import CatalogError
 from pipeline.catalog.summary import format_summary
 from pipeline.commands import UsageError, launch
 from pipeline.commands.evaluate import exit_code, print_evaluation
-from pipeline.commands.options import add_cluster_arguments
-from pipeline.settings import load_settings, use_settings
+from pipeline.commands.options import add_cluster_arguments, at_least_one
+from pipeline.settings import load_settings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -72,29 +71,24 @@ def run(args: argparse.Namespace) -> int:
             resolve_checkpoint(path)
         except CheckpointError as error:
             raise UsageError(f"--checkpoint {name}={path}: {error}") from None
-    for option, value in (("--tracks", args.tracks), ("--workers", args.workers)):
-        if value is not None and value < 1:
-            raise UsageError(f"{option} must be 1 or more, not {value}")
+    at_least_one({"--tracks": args.tracks, "--workers": args.workers})
     if args.references is None and not 1.0 <= args.seconds <= 600.0:
         raise UsageError(f"--seconds must be between 1 and 600, not {args.seconds:g}")
     # storage options (maybe credentials) reach the flow as settings, not as recorded parameters
     settings = load_settings(ray_address=args.ray_address, storage_options=args.storage_options)
-    try:
-        with use_settings(settings):
-            result = launch.benchmark(
-                str(args.out),
-                checkpoints,
-                references=args.references,
-                tracks=args.tracks if args.references or args.tracks else 4,
-                seconds=args.seconds,
-                seed=args.seed,
-                split=args.split,
-                workers=args.workers,
-                separate_workers=args.separate_workers,
-                ray_address=settings.ray_address,
-            )
-    except CatalogError as error:
-        raise UsageError(str(error)) from None
+    result = launch.benchmark(
+        settings,
+        str(args.out),
+        checkpoints,
+        references=args.references,
+        tracks=args.tracks if args.references or args.tracks else 4,
+        seconds=args.seconds,
+        seed=args.seed,
+        split=args.split,
+        workers=args.workers,
+        separate_workers=args.separate_workers,
+        ray_address=settings.ray_address,
+    )
     print(f"references: {result['references']}")
     for name, separation in result["separations"].items():
         print(f"{name}: {format_summary(separation).splitlines()[0]}")

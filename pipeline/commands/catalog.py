@@ -12,10 +12,11 @@ from typing import Any
 
 from model import STEMS, CheckpointError, resolve_checkpoint
 from pipeline.audio import FORMATS
-from pipeline.catalog.listing import CatalogError, is_catalog_source
+from pipeline.catalog.listing import is_catalog_source
 from pipeline.catalog.summary import format_summary
 from pipeline.commands import UsageError, launch
-from pipeline.settings import Settings, use_settings
+from pipeline.commands.options import at_least_one
+from pipeline.settings import Settings
 
 
 def wants_catalog(sources: list[str], storage_options: dict[str, Any] | None) -> bool:
@@ -61,12 +62,8 @@ def run_catalog(
     run_id: str | None = None,
 ) -> int:
     """Run the flow with ``settings``; exit code 0 when every track is done, 1 when any failed
-    or was left.
-
-    The settings reach the flow through :func:`use_settings`, not as flow parameters: storage
-    options may hold credentials, and Prefect records parameters. The other settings are also
-    passed as parameters, so that the run's page in Prefect shows them.
-    """
+    or was left. The settings are also passed as parameters (credentials aside, see
+    :mod:`pipeline.commands.launch`), so that the run's page in Prefect shows them."""
     if settings.stem_format not in FORMATS:
         raise UsageError(f"stem format must be one of {', '.join(FORMATS)}")
     try:
@@ -74,26 +71,22 @@ def run_catalog(
     except CheckpointError as error:
         hint = "; pass --checkpoint PATH" if settings.checkpoint == "default" else ""
         raise UsageError(f"{error}{hint}") from None
-    if settings.workers is not None and settings.workers < 1:
-        raise UsageError(f"--workers must be 1 or more, not {settings.workers}")
-    try:
-        with use_settings(settings):
-            summary = launch.separate_catalog(
-                source,
-                destination,
-                checkpoint=settings.checkpoint,
-                workers=settings.workers,
-                gpus_per_worker=settings.gpus_per_worker,
-                cpus_per_worker=settings.cpus_per_worker,
-                ray_address=settings.ray_address,
-                precision=settings.precision,
-                separator_options=separator_options,
-                stem_format=settings.stem_format,
-                fail_on_error=fail_on_error,
-                run_id=run_id,
-            )
-    except CatalogError as error:
-        raise UsageError(str(error)) from None
+    at_least_one({"--workers": settings.workers})
+    summary = launch.separate_catalog(
+        settings,
+        source,
+        destination,
+        checkpoint=settings.checkpoint,
+        workers=settings.workers,
+        gpus_per_worker=settings.gpus_per_worker,
+        cpus_per_worker=settings.cpus_per_worker,
+        ray_address=settings.ray_address,
+        precision=settings.precision,
+        separator_options=separator_options,
+        stem_format=settings.stem_format,
+        fail_on_error=fail_on_error,
+        run_id=run_id,
+    )
     print(format_summary(summary))
     print(f"summary: {summary['summary_uri']}")
     tracks = summary["tracks"]

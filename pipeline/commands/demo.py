@@ -44,9 +44,10 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.tracks <= 1000 or not 1.0 <= args.seconds <= 600.0:
         raise UsageError("--tracks must be 1-1000 and --seconds 1-600")
     library = build_library(args.out, args.tracks, args.seconds)
-    checkpoint = demo_checkpoint(settings_from_args(args).checkpoint, args.out)
+    settings = settings_from_args(args)
+    checkpoint = demo_checkpoint(settings.checkpoint, args.out)
     summary = launch.separate_catalog(
-        str(library), str(args.out / "separated"), checkpoint=checkpoint
+        settings, str(library), str(args.out / "separated"), checkpoint=checkpoint
     )
     print()
     print(format_summary(summary))

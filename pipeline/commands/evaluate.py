@@ -7,10 +7,9 @@ import argparse
 from typing import Any
 
 from model import STEMS
-from pipeline.catalog.listing import CatalogError
 from pipeline.commands import UsageError, launch
-from pipeline.commands.options import add_cluster_arguments, argument_type
-from pipeline.settings import load_settings, use_settings
+from pipeline.commands.options import add_cluster_arguments, argument_type, at_least_one
+from pipeline.settings import load_settings
 from pipeline.stems import parse_stems
 
 
@@ -60,27 +59,22 @@ def run(args: argparse.Namespace) -> int:
     *estimates, destination = args.locations
     if not estimates and not args.mixture_baseline:
         raise UsageError("give at least one estimate source EST before OUT (or --mixture-baseline)")
-    for name, value in (("--workers", args.workers), ("--tracks", args.tracks)):
-        if value is not None and value < 1:
-            raise UsageError(f"{name} must be 1 or more, not {value}")
+    at_least_one({"--workers": args.workers, "--tracks": args.tracks})
     # storage options (maybe credentials) reach the flow as settings, not as recorded parameters
     settings = load_settings(ray_address=args.ray_address, storage_options=args.storage_options)
-    try:
-        with use_settings(settings):
-            summary = launch.evaluate_catalog(
-                args.references,
-                estimates,
-                destination,
-                workers=args.workers,
-                ray_address=settings.ray_address,
-                split=args.split,
-                targets=args.targets,
-                with_mixture=args.mixture_baseline,
-                limit=args.tracks,
-                run_id=args.run_id,
-            )
-    except CatalogError as error:
-        raise UsageError(str(error)) from None
+    summary = launch.evaluate_catalog(
+        settings,
+        args.references,
+        estimates,
+        destination,
+        workers=args.workers,
+        ray_address=settings.ray_address,
+        split=args.split,
+        targets=args.targets,
+        with_mixture=args.mixture_baseline,
+        limit=args.tracks,
+        run_id=args.run_id,
+    )
     print_evaluation(summary)
     return exit_code(summary)
 

@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
+
+from pipeline.catalog.listing import CatalogError
+from pipeline.commands import UsageError
+from pipeline.settings import Settings, use_settings
 
 
 def prepare_prefect() -> None:
@@ -24,27 +30,47 @@ def prepare_prefect() -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
-def separate_catalog(source: str, destination: str, **parameters: Any) -> dict[str, Any]:
-    """Run the ``separate-catalog`` flow (:func:`flows.separate.separate_catalog`)."""
-    prepare_prefect()
-    from flows.separate import separate_catalog as flow
+@contextmanager
+def _flow_run(settings: Settings) -> Iterator[None]:
+    """Around a flow started by a command: Prefect prepared, ``settings`` in force, and a catalog
+    the flow cannot use (a wrong SRC, say) reported as a usage error.
 
-    return flow(source, destination, **parameters)
+    The settings reach the flow through :func:`use_settings`, not as flow parameters: storage
+    options may hold credentials, and Prefect records parameters.
+    """
+    prepare_prefect()
+    try:
+        with use_settings(settings):
+            yield
+    except CatalogError as error:
+        raise UsageError(str(error)) from None
+
+
+def separate_catalog(
+    settings: Settings, source: str, destination: str, **parameters: Any
+) -> dict[str, Any]:
+    """Run the ``separate-catalog`` flow (:func:`flows.separate.separate_catalog`)."""
+    with _flow_run(settings):
+        from flows.separate import separate_catalog as flow
+
+        return flow(source, destination, **parameters)
 
 
 def evaluate_catalog(
-    references: str, estimates: list[str], destination: str, **parameters: Any
+    settings: Settings, references: str, estimates: list[str], destination: str, **parameters: Any
 ) -> dict[str, Any]:
     """Run the ``evaluate-catalog`` flow (:func:`flows.evaluate.evaluate_catalog`)."""
-    prepare_prefect()
-    from flows.evaluate import evaluate_catalog as flow
+    with _flow_run(settings):
+        from flows.evaluate import evaluate_catalog as flow
 
-    return flow(references, estimates, destination, **parameters)
+        return flow(references, estimates, destination, **parameters)
 
 
-def benchmark(destination: str, checkpoints: dict[str, str], **parameters: Any) -> dict[str, Any]:
+def benchmark(
+    settings: Settings, destination: str, checkpoints: dict[str, str], **parameters: Any
+) -> dict[str, Any]:
     """Run the ``benchmark`` flow (:func:`flows.benchmark.benchmark`)."""
-    prepare_prefect()
-    from flows.benchmark import benchmark as flow
+    with _flow_run(settings):
+        from flows.benchmark import benchmark as flow
 
-    return flow(destination, checkpoints, **parameters)
+        return flow(destination, checkpoints, **parameters)

@@ -9,6 +9,7 @@ import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from pipeline.commands import UsageError
 from pipeline.settings import Settings, env_name
 
 T = TypeVar("T")
@@ -35,6 +36,25 @@ def setting_help(name: str, text: str | None = None) -> str:
     return f"{text or field.description} (env {env_name(name)})"
 
 
+def at_least_one(values: dict[str, int | None]) -> None:
+    """Refuse, as a usage error, any given count (flag -> value) below 1."""
+    for flag, value in values.items():
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be 1 or more, not {value}")
+
+
+def add_storage_options(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, text: str
+) -> None:
+    """``--storage-options JSON``: fsspec options over ``METASEP_STORAGE_OPTIONS``."""
+    parser.add_argument(
+        "--storage-options",
+        type=json_object,
+        metavar="JSON",
+        help=setting_help("storage_options", text),
+    )
+
+
 def json_object(text: str) -> dict[str, Any]:
     """An argparse type: a JSON object (storage options, say)."""
     try:
@@ -52,14 +72,7 @@ def add_cluster_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGr
         "--ray-address",
         help=setting_help("ray_address", "existing Ray cluster (default: RAY_ADDRESS or local)"),
     )
-    parser.add_argument(
-        "--storage-options",
-        type=json_object,
-        metavar="JSON",
-        help=setting_help(
-            "storage_options", 'fsspec options, e.g. \'{"endpoint_url": "http://minio:9000"}\''
-        ),
-    )
+    add_storage_options(parser, 'fsspec options, e.g. \'{"endpoint_url": "http://minio:9000"}\'')
 
 
 def add_catalog_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.catalog.storage import open_location
 from pipeline.commands import UsageError
-from pipeline.commands.options import json_object, setting_help
+from pipeline.commands.options import add_storage_options, setting_help
 from pipeline.commands.separate import build_separator
 from pipeline.separator import DEFAULT_BATCH, DEFAULT_CONTEXT, DEFAULT_SEGMENT, PRECISIONS
 from pipeline.settings import settings_from_args
@@ -44,12 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="DST",
         help="also offer the tracks of a separated catalog (the DST of metasep separate SRC DST)",
     )
-    parser.add_argument(
-        "--storage-options",
-        type=json_object,
-        metavar="JSON",
-        help=setting_help("storage_options", "fsspec options of --catalog"),
-    )
+    add_storage_options(parser, "fsspec options of --catalog")
     parser.add_argument(
         "--max-upload-mb", type=float, default=200.0, metavar="MB", help="upload limit (200)"
     )
