@@ -1,7 +1,7 @@
-"""The scoring job: one Ray task per (method, track), results recorded as Parquet manifests.
+"""The scoring job: one Ray Data task per (method, track), results recorded as Parquet manifests.
 
 museval's BSSEval v4 is CPU-bound and single-threaded (about 23 s for 30 s of four-stem stereo on
-one core), so a task takes one CPU and the driver keeps ``workers`` of them in flight. Each task
+one core), so a task takes one CPU and ``workers`` of them run at once. Each task
 decodes the reference and estimate files itself (so only URLs travel), scores them, writes
 museval's per-track JSON and returns a manifest row holding the per-frame scores. Whatever goes
 wrong with one track (a corrupt file, a wrong channel count, a worker that died) becomes that
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import socket
 import time
 from dataclasses import dataclass, field
@@ -127,26 +128,50 @@ def _score_on_ray(
     writer: ManifestWriter,
     result: EvaluationResult,
 ) -> None:
-    """Keep ``config.workers`` tasks in flight; record each row as soon as its task ends."""
-    task = ray.remote(num_cpus=config.cpus_per_task, max_retries=3)(score_pair)
-    queue = list(reversed(todo))
-    pending: dict[Any, Pair] = {}
-    started = time.monotonic()
+    """Score ``todo`` as a Ray Data job, the idiom of catalog separation: one block per pair,
+    ``config.workers`` scoring tasks at once; each row is recorded as soon as it arrives.
+
+    A task whose worker process died is run again by Ray Data (its default, as in separation;
+    storage errors are retried inside the task, and museval's own errors are the row's). A pair
+    that fails outside :func:`score_pair` is dropped by the job (``max_errored_blocks``) instead
+    of stopping it, and gets an error row here. The rows travel pickled, so that their UTC times
+    and per-frame scores come back exactly as the task made them.
+    """
+    dataset = ray.data.from_items(
+        [{"index": index} for index in range(len(todo))], override_num_blocks=min(len(todo), 5000)
+    )
+    dataset.context.enable_progress_bars = False  # the driver shows one bar in pairs
+    dataset.context.max_errored_blocks = -1
+    dataset = dataset.map_batches(
+        score_batch,
+        batch_size=1,
+        num_cpus=config.cpus_per_task,
+        compute=ray.data.TaskPoolStrategy(size=max(1, config.workers)),
+        fn_kwargs={"pairs": todo, "storage_options": config.storage_options},
+    )
+    started, recorded = time.monotonic(), set()
     with tqdm(total=len(todo), unit="track", desc="scoring", dynamic_ncols=True) as bar:
-        while queue or pending:
-            while queue and len(pending) < max(1, config.workers):
-                pair = queue.pop()
-                pending[task.remote(pair, config.storage_options)] = pair
-            (ready,), _ = ray.wait(list(pending), num_returns=1)
-            pair = pending.pop(ready)
-            try:
-                row = ray.get(ready)
-            except Exception as failure:  # the worker died (and its retries): the track fails
-                row = {**problem_row(pair), "error": f"worker failed: {readable_error(failure)}"}
+        for item in dataset.iter_rows():
+            row = pickle.loads(item["row"])
+            recorded.add(int(item["index"]))
             _record(writer, result, row, config.run_id)
             bar.update()
             bar.set_postfix(ok=result.ok, error=result.error)
+    for index, pair in enumerate(todo):
+        if index not in recorded:
+            lost = "worker failed: the scoring task returned no row (see Ray's logs)"
+            _record(writer, result, {**problem_row(pair), "error": lost}, config.run_id)
     result.wall_s = time.monotonic() - started
+
+
+def score_batch(
+    batch: dict[str, np.ndarray], pairs: list[Pair], storage_options: dict[str, Any] | None
+) -> dict[str, np.ndarray]:
+    """The Ray Data stage: score the pairs whose indices ``batch`` holds (one, in practice)."""
+    indices = [int(index) for index in batch["index"]]
+    rows = np.empty(len(indices), dtype=object)
+    rows[:] = [pickle.dumps(score_pair(pairs[index], storage_options)) for index in indices]
+    return {"index": np.asarray(indices, dtype=np.int64), "row": rows}
 
 
 def _record(
