@@ -2,8 +2,9 @@
 ``flows``.
 
 Imports point ``flows -> pipeline -> model``, but a command that runs a flow is an entry point
-and sits above both. Rather than move the CLI out of ``pipeline``, the commands call the three
-functions here, and only these import a flow. The import waits until a flow is started for a
+and sits above both. Moving the whole CLI above ``flows`` would move the ``metasep`` entry point
+(``pipeline.cli:main``, which the image and its tests name) for the sake of four commands out of
+ten; instead those commands call the three functions here, and only these import a flow. The import waits until a flow is started for a
 second reason too: Prefect reads its settings when it is imported, so :func:`prepare_prefect`
 must run first (and commands that start no flow never pay for importing Prefect).
 """
