@@ -101,6 +101,7 @@ def test_conflicting_options_are_a_usage_error(checkpoint, songs, tmp_path, caps
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # three timed separations and the reference path
 def test_bench_reports_speed_memory_and_agreement(checkpoint, capsys):
     command = ["bench", "--config", checkpoint, "--seconds", "3", "--segment", "1"]
     assert main([*command, "--context", "0.5", "--json"]) == 0

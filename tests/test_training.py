@@ -141,6 +141,7 @@ def test_sgdr_restarts_with_decayed_peak():
     assert sgdr_learning_rate(100, 1e-3, 100, 0.85) == pytest.approx(0.85e-3)
 
 
+@pytest.mark.slow  # two runs of several steps and validations each
 def test_resume_continues_exactly(tone_catalog, tmp_path):
     cache = tmp_path / "cache"
     straight = prepare_job(
