@@ -4,8 +4,8 @@ museval's BSSEval v4 is CPU-bound and single-threaded (about 23 s for 30 s of fo
 one core), so a task takes one CPU and ``workers`` of them run at once. Each task
 decodes the reference and estimate files itself (so only URLs travel), scores them, writes
 museval's per-track JSON and returns a manifest row holding the per-frame scores. Whatever goes
-wrong with one track (a corrupt file, a wrong channel count, a worker that died) becomes that
-track's error row; the run goes on.
+wrong with one track (a corrupt file, a wrong channel count) becomes that track's error row; the
+run goes on, and a task whose worker died is run again.
 """
 
 from __future__ import annotations
@@ -131,36 +131,29 @@ def _score_on_ray(
     """Score ``todo`` as a Ray Data job, the idiom of catalog separation: one block per pair,
     ``config.workers`` scoring tasks at once; each row is recorded as soon as it arrives.
 
-    A task whose worker process died is run again by Ray Data (its default, as in separation;
-    storage errors are retried inside the task, and museval's own errors are the row's). A pair
-    that fails outside :func:`score_pair` is dropped by the job (``max_errored_blocks``) instead
-    of stopping it, and gets an error row here. The rows travel pickled, so that their UTC times
-    and per-frame scores come back exactly as the task made them.
+    :func:`score_pair` never raises (a pair's failure is its row), storage errors are retried
+    inside it, and a task whose worker process died is run again by Ray Data, as in separation.
+    The rows travel pickled, so that their UTC times and per-frame scores come back exactly as
+    the task made them.
     """
+    blocks = min(len(todo), 5000)
     dataset = ray.data.from_items(
-        [{"index": index} for index in range(len(todo))], override_num_blocks=min(len(todo), 5000)
+        [{"index": index} for index in range(len(todo))], override_num_blocks=blocks
     )
     dataset.context.enable_progress_bars = False  # the driver shows one bar in pairs
-    dataset.context.max_errored_blocks = -1
     dataset = dataset.map_batches(
         score_batch,
         batch_size=1,
         num_cpus=config.cpus_per_task,
-        compute=ray.data.TaskPoolStrategy(size=max(1, config.workers)),
+        compute=ray.data.TaskPoolStrategy(size=max(1, min(config.workers, blocks))),
         fn_kwargs={"pairs": todo, "storage_options": config.storage_options},
     )
-    started, recorded = time.monotonic(), set()
+    started = time.monotonic()
     with tqdm(total=len(todo), unit="track", desc="scoring", dynamic_ncols=True) as bar:
         for item in dataset.iter_rows():
-            row = pickle.loads(item["row"])
-            recorded.add(int(item["index"]))
-            _record(writer, result, row, config.run_id)
+            _record(writer, result, pickle.loads(item["row"]), config.run_id)
             bar.update()
             bar.set_postfix(ok=result.ok, error=result.error)
-    for index, pair in enumerate(todo):
-        if index not in recorded:
-            lost = "worker failed: the scoring task returned no row (see Ray's logs)"
-            _record(writer, result, {**problem_row(pair), "error": lost}, config.run_id)
     result.wall_s = time.monotonic() - started
 
 
@@ -168,10 +161,9 @@ def score_batch(
     batch: dict[str, np.ndarray], pairs: list[Pair], storage_options: dict[str, Any] | None
 ) -> dict[str, np.ndarray]:
     """The Ray Data stage: score the pairs whose indices ``batch`` holds (one, in practice)."""
-    indices = [int(index) for index in batch["index"]]
-    rows = np.empty(len(indices), dtype=object)
-    rows[:] = [pickle.dumps(score_pair(pairs[index], storage_options)) for index in indices]
-    return {"index": np.asarray(indices, dtype=np.int64), "row": rows}
+    rows = np.empty(len(batch["index"]), dtype=object)
+    rows[:] = [pickle.dumps(score_pair(pairs[int(i)], storage_options)) for i in batch["index"]]
+    return {"row": rows}
 
 
 def _record(
