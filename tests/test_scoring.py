@@ -68,6 +68,7 @@ def test_missing_or_misshapen_estimates_are_reported():
         score_track(refs, {**ests, "bass": ests["bass"][:, :-10]})
 
 
+@pytest.mark.slow
 def test_silent_reference_is_reported_as_nan_and_the_rest_scored():
     refs, ests = make_track(2, seconds=2)
     refs["vocals"] = np.zeros_like(refs["vocals"])

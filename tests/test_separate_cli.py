@@ -118,6 +118,7 @@ def test_bench_reports_speed_memory_and_agreement(checkpoint, capsys):
     assert "engine:" in printed and "peak RSS" in printed and "reference:" not in printed
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_bench_memory_of_a_fresh_process_is_its_own():
     """The timed paths run in spawned processes; their peak must not include the parent's."""
     from pipeline.bench import _in_fresh_process, _peak_rss_mb

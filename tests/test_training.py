@@ -213,6 +213,7 @@ def test_validation_scores_what_the_engine_separates(stage_tracks, tmp_path):
         assert torch.equal(value, weights[name]), name
 
 
+@pytest.mark.slow  # the whole command: catalog, cache, training, checkpoints
 def test_train_command_writes_checkpoints_and_metrics(tone_catalog, tmp_path, capsys):
     config_file = tmp_path / "tiny.json"
     config_file.write_text(json.dumps(TINY.to_dict()))
@@ -245,6 +246,7 @@ def test_bad_catalog_is_a_usage_error(tmp_path, capsys):
     assert "no such catalog" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # encodes and decodes AAC streams with ffmpeg
 def test_musdb_stem_mp4_catalog_is_read_through_musdb(tmp_path):
     stempeg = pytest.importorskip("stempeg")
     rate, seconds = 44100, 2
