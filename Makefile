@@ -12,7 +12,7 @@ SYSTEM_TOOLS := ffmpeg ffprobe fluidsynth chromium
 # and timgm6mb-soundfont).
 SOUNDFONTS := /usr/share/sounds/sf2/FluidR3_GM.sf2 /usr/share/sounds/sf2/TimGM6mb.sf2
 
-.PHONY: run test lint format system-deps clean
+.PHONY: run test test-fast lint format system-deps clean
 
 run: $(VENV)/.installed
 	$(BIN)/metasep demo
@@ -21,6 +21,12 @@ test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+# The edit-test loop: the unit tests, without the ones marked slow (those that start Prefect, a Ray
+# cluster, a server or a browser, and the few long ones; see tests/conftest.py). `make test` and
+# CI still run everything.
+test-fast: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -m "not slow" -q
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

@@ -1,8 +1,9 @@
 """Prefect flow ``evaluate_catalog``: score methods' estimates against a reference catalog with
 museval, one Ray task per track and method, and report the SiSEC numbers.
 
-The tasks are thin wrappers over :mod:`pipeline.evaluation`; storage-facing tasks retry transient
-errors, the Ray job does not (Ray retries its tasks, and a rerun scores only what is missing).
+The tasks are thin wrappers over :mod:`pipeline.evaluation`, without Prefect retries: storage
+requests retry their transient errors themselves, Ray re-runs a task whose worker died, and a
+rerun scores only what is missing (see :mod:`pipeline.catalog.storage` for why one layer).
 Runs on Prefect's ephemeral API when no server is configured, and on a local Ray unless
 ``ray_address`` (or ``METASEP_RAY_ADDRESS``, or ``RAY_ADDRESS``) names one (or a parent flow already connected one).
 """
@@ -19,7 +20,6 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.ray_session import connect_ray, disconnect_ray
-from flows.separate import STORAGE_RETRIES
 from model import STEMS
 from pipeline.catalog.listing import CatalogError
 from pipeline.catalog.manifest import latest_ok_rows, new_run_id, read_manifests
@@ -49,7 +49,7 @@ from pipeline.evaluation.sources import (
 from pipeline.settings import settings_for_run
 
 
-@task(name="list-references", **STORAGE_RETRIES)
+@task(name="list-references", cache_policy=NO_CACHE)
 def list_reference_tracks(
     references: str, split: str, limit: int | None, storage_options: dict[str, Any] | None
 ) -> list[ReferenceTrack]:
@@ -58,7 +58,7 @@ def list_reference_tracks(
     return tracks
 
 
-@task(name="list-estimates", **STORAGE_RETRIES)
+@task(name="list-estimates", cache_policy=NO_CACHE)
 def list_method_estimates(
     method: Method, targets: tuple[str, ...], storage_options: dict[str, Any] | None
 ) -> dict[str, EstimateTrack]:
@@ -70,7 +70,7 @@ def list_method_estimates(
     return found
 
 
-@task(name="plan-evaluation", **STORAGE_RETRIES)
+@task(name="plan-evaluation", cache_policy=NO_CACHE)
 def plan_run(
     references: list[ReferenceTrack],
     methods: list[Method],
@@ -108,7 +108,7 @@ def score_tracks(
     return run_evaluation(plan.todo, plan.failing, config)
 
 
-@task(name="write-reports", **STORAGE_RETRIES)
+@task(name="write-reports", cache_policy=NO_CACHE)
 def report_run(
     plan: EvaluationPlan,
     run_id: str,
@@ -122,7 +122,7 @@ def report_run(
     return rows, summary, outputs
 
 
-@task(name="write-summary", **STORAGE_RETRIES)
+@task(name="write-summary", cache_policy=NO_CACHE)
 def record_run(summary: dict[str, Any], storage_options: dict[str, Any] | None) -> str:
     return write_summary(summary, storage_options)
 

@@ -1,9 +1,10 @@
 """Prefect flow ``separate_catalog``: list a catalog, plan against its manifests, separate the
 rest on Ray, record the run.
 
-The tasks are thin wrappers over :mod:`pipeline.catalog`; storage-facing tasks retry (on top of
-the per-request retries inside them), the Ray job does not (Ray retries its own tasks and
-actors, and a re-run resumes where a failed one stopped). Runs on Prefect's ephemeral API when no
+The tasks are thin wrappers over :mod:`pipeline.catalog`. None of them has Prefect retries:
+transient storage errors are retried once, per request, inside them
+(:func:`pipeline.catalog.storage.retry_storage`), dead Ray workers are restarted by Ray, and a
+re-run resumes where a failed one stopped. Runs on Prefect's ephemeral API when no
 server is configured, and on a local Ray unless ``ray_address`` (or ``METASEP_RAY_ADDRESS``, or
 ``RAY_ADDRESS``) names one. Parameters left ``None`` come from :mod:`pipeline.settings`, i.e.
 the ``METASEP_*`` environment of the process that runs the flow (a Prefect worker, say).
@@ -21,8 +22,8 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.ray_session import connect_ray, disconnect_ray
 from model import CheckpointError, load_checkpoint
+from pipeline.audio import FORMATS
 from pipeline.catalog.job import (
-    STEM_FORMATS,
     JobConfig,
     JobResult,
     identify_separator,
@@ -31,31 +32,14 @@ from pipeline.catalog.job import (
 from pipeline.catalog.listing import CatalogError, CatalogTrack, list_catalog
 from pipeline.catalog.manifest import done_records, new_run_id, read_manifests
 from pipeline.catalog.plan import Plan, catalog_options_hash, plan_tracks
-from pipeline.catalog.storage import is_transient, open_location
+from pipeline.catalog.storage import open_location
 from pipeline.catalog.summary import build_summary, format_summary, write_summary
 from pipeline.separator import resolve_precision
 from pipeline.settings import Settings, settings_for_run
 from pipeline.weights import resolve_weights
 
 
-def _transient_failure(task, task_run, state) -> bool:
-    """Retry a storage task only for errors that may go away (not a wrong SOURCE, say)."""
-    try:
-        state.result()
-    except Exception as error:
-        return is_transient(error)
-    return False
-
-
-STORAGE_RETRIES = {
-    "retries": 3,
-    "retry_delay_seconds": [2, 10, 30],
-    "retry_condition_fn": _transient_failure,
-    "cache_policy": NO_CACHE,
-}
-
-
-@task(name="list-catalog", **STORAGE_RETRIES)
+@task(name="list-catalog", cache_policy=NO_CACHE)
 def list_tracks(
     source: str, destination: str, storage_options: dict[str, Any] | None
 ) -> list[CatalogTrack]:
@@ -84,7 +68,7 @@ def load_model(
     return model, model_id, options
 
 
-@task(name="plan-run", **STORAGE_RETRIES)
+@task(name="plan-run", cache_policy=NO_CACHE)
 def plan_run(
     tracks: list[CatalogTrack],
     destination: str,
@@ -116,7 +100,7 @@ def separate_tracks(
     return run_job(todo, ray.put(model), config)
 
 
-@task(name="write-summary", **STORAGE_RETRIES)
+@task(name="write-summary", cache_policy=NO_CACHE)
 def record_run(summary: dict[str, Any], storage_options: dict[str, Any] | None) -> str:
     return write_summary(summary, storage_options)
 
@@ -163,8 +147,8 @@ def separate_catalog(
     gpus_per_worker = settings.gpus_per_worker
     precision = resolve_precision(settings.precision, "cuda" if gpus_per_worker > 0 else "cpu")
     stem_format, storage_options = settings.stem_format, settings.options()
-    if stem_format not in STEM_FORMATS:
-        raise CatalogError(f"stem format must be one of {', '.join(STEM_FORMATS)}")
+    if stem_format not in FORMATS:
+        raise CatalogError(f"stem format must be one of {', '.join(FORMATS)}")
     for location in (source, destination):
         if str(location).startswith("memory://"):
             raise CatalogError(

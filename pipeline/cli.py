@@ -2,7 +2,8 @@
 
 Each subcommand lives in ``pipeline/commands/<name>.py`` and exposes ``register(subparsers)``,
 which adds its parser and sets ``handler`` (a function of the parsed arguments returning the exit
-code). Errors meant for the user are raised as :class:`UsageError` and printed without a traceback.
+code). Errors meant for the user are raised as :class:`pipeline.commands.UsageError` and printed
+without a traceback.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from pipeline.commands import UsageError
 from pipeline.settings import SettingsError
+
+__all__ = ["COMMANDS", "UsageError", "build_parser", "main"]  # UsageError: for older imports
 
 COMMANDS = (
     "bench",
@@ -28,10 +32,6 @@ COMMANDS = (
     "train",
     "weights",
 )
-
-
-class UsageError(Exception):
-    """An error caused by the user's input; printed as one line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:

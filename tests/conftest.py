@@ -11,6 +11,17 @@ REPO = Path(__file__).resolve().parents[1]
 REFERENCE_DIR = Path(os.environ.get("METASEP_REFERENCE_DIR", REPO.parent / "shared" / "reference"))
 
 
+# A test that starts Prefect or a Ray cluster is an integration test: `make test-fast` (pytest -m
+# "not slow") leaves it to `make test`. Slow tests that use none of these are marked by hand.
+_INTEGRATION_FIXTURES = {"prefect_api", "ray_cluster_address", "ray_local"}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if _INTEGRATION_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     if not REFERENCE_DIR.is_dir():

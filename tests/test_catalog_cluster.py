@@ -50,6 +50,7 @@ def remove_a_busy_node(cluster, nodes, manifests, removed: list, job_done: threa
         time.sleep(0.05)
 
 
+@pytest.mark.slow  # a two-node Ray cluster of its own
 def test_node_removed_mid_run_every_track_exactly_once(two_node_cluster, tmp_path):
     import ray
 

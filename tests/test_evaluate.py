@@ -168,6 +168,7 @@ def test_evaluate_command_refuses_bad_arguments(tmp_path, capsys):
         main(["evaluate", str(tmp_path), "x", "out", "--targets", "drums,piano"])
 
 
+@pytest.mark.slow  # museval on a decoded MUSDB18 track
 def test_musdb_stem_mp4_references_score_like_museval(tmp_path):
     """A MUSDB18 .stem.mp4 catalog (read through musdb): the mixture baseline of one track,
     scored by the task function itself, equals museval on the decoded streams."""

@@ -54,6 +54,7 @@ def test_invalid_configuration_is_rejected_with_reason(change, message):
         TasNetConfig(**{**SMALL.to_dict(), **change})
 
 
+@pytest.mark.slow  # tens of optimiser steps
 def test_training_step_reduces_loss():
     """One optimiser step on a fixed batch lowers the objective: gradients reach every part."""
     model = MultiTasNet(SMALL).train()

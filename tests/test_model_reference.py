@@ -56,6 +56,7 @@ def test_short_inference_matches_reference(case):
         assert_close_to_reference(output, vectors[f"short_chunks1_stage{i}"])
 
 
+@pytest.mark.slow  # 18 s of audio through each configuration (the short case stays in test-fast)
 @pytest.mark.parametrize("n_chunks", [1, 3])
 def test_long_inference_matches_reference(case, n_chunks):
     model, vectors, _ = case

@@ -24,6 +24,7 @@ def make_track(seed: int, seconds: int = 4) -> tuple[dict, dict]:
     return refs, {t: (refs[t] + noise[t]).astype(np.float32) for t in TARGETS}
 
 
+@pytest.mark.slow  # museval on whole tracks: 20-30 s each on this machine
 def test_frames_equal_museval_evaluate():
     refs, ests = make_track(0, seconds=3)
     frames = score_track(refs, ests)
@@ -37,6 +38,7 @@ def test_frames_equal_museval_evaluate():
     assert len(frames) == 4 * 3  # 4 targets x 3 one-second frames
 
 
+@pytest.mark.slow
 def test_summary_equals_museval_evalstore(tmp_path):
     store = museval.EvalStore(frames_agg="median", tracks_agg="median")
     all_frames = []
@@ -66,6 +68,7 @@ def test_missing_or_misshapen_estimates_are_reported():
         score_track(refs, {**ests, "bass": ests["bass"][:, :-10]})
 
 
+@pytest.mark.slow
 def test_silent_reference_is_reported_as_nan_and_the_rest_scored():
     refs, ests = make_track(2, seconds=2)
     refs["vocals"] = np.zeros_like(refs["vocals"])
@@ -75,6 +78,7 @@ def test_silent_reference_is_reported_as_nan_and_the_rest_scored():
     assert frames[frames.target != "vocals"].SDR.notna().all()
 
 
+@pytest.mark.slow
 def test_a_last_partial_second_is_not_a_frame_as_in_museval():
     refs, ests = make_track(3, seconds=2)
     refs = {t: a[:, : int(1.5 * 44100)] for t, a in refs.items()}

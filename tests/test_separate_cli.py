@@ -103,6 +103,7 @@ def test_conflicting_options_are_a_usage_error(checkpoint, songs, tmp_path, caps
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow  # three timed separations and the reference path
 def test_bench_reports_speed_memory_and_agreement(checkpoint, capsys):
     command = ["bench", "--config", checkpoint, "--seconds", "3", "--segment", "1"]
     assert main([*command, "--context", "0.5", "--json"]) == 0
@@ -136,6 +137,7 @@ def test_bench_throughput_mode_runs_several_tracks_through_the_model_stage(check
     assert main(["bench", "--config", checkpoint, "--tracks", "0"]) == 2
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_bench_memory_of_a_fresh_process_is_its_own():
     """The timed paths run in spawned processes; their peak must not include the parent's."""
     from pipeline.bench import _in_fresh_process, _peak_rss_mb
@@ -150,6 +152,7 @@ def outputs(folder) -> dict[str, np.ndarray]:
     return {path.stem: read_audio(path)[0] for path in folder.iterdir()}
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_a_missing_audio_file_is_no_such_file_at_once_without_prefect_or_ray(tmp_path):
     """A path that looks like one audio file is a file, even when it does not exist: the answer
     comes from the file path (no flow, no cluster)."""

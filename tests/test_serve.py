@@ -17,7 +17,7 @@ from pipeline.catalog.manifest import ManifestWriter
 from pipeline.catalog.storage import open_location
 from pipeline.cli import main
 from pipeline.separator import Separator
-from pipeline.serve.app import Settings, create_app
+from pipeline.serve.app import ServerLimits, create_app
 from pipeline.serve.catalog import Catalog
 from pipeline.serve.jobs import DONE, ERROR, QUEUED, JobManager, QueueFull, probe_audio
 
@@ -64,8 +64,8 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def client(separator, workdir):
-    settings = Settings(max_upload_bytes=1 << 20, max_seconds=30.0, keep_jobs=20, workdir=workdir)
-    with TestClient(create_app(separator, settings)) as client:
+    limits = ServerLimits(max_upload_bytes=1 << 20, max_seconds=30.0, keep_jobs=20, workdir=workdir)
+    with TestClient(create_app(separator, limits)) as client:
         yield client
 
 
@@ -180,8 +180,8 @@ def test_oversize_upload_is_413_declared_or_streamed(client, workdir):
 
 
 def test_too_long_audio_is_refused(separator, tmp_path):
-    settings = Settings(max_seconds=1.0, workdir=tmp_path)
-    with TestClient(create_app(separator, settings)) as client:
+    limits = ServerLimits(max_seconds=1.0, workdir=tmp_path)
+    with TestClient(create_app(separator, limits)) as client:
         headers = {"X-Filename": "long.wav"}
         response = client.post("/api/jobs", content=wav_bytes(tone(2.0)), headers=headers)
     assert response.status_code == 422
@@ -237,8 +237,8 @@ def test_page_and_static_files_are_served_with_security_headers(client):
 
 
 def test_requests_for_other_host_names_are_refused(separator, tmp_path):
-    settings = Settings(workdir=tmp_path, allowed_hosts=["127.0.0.1", "localhost"])
-    app = create_app(separator, settings)
+    limits = ServerLimits(workdir=tmp_path, allowed_hosts=["127.0.0.1", "localhost"])
+    app = create_app(separator, limits)
     with TestClient(app, base_url="http://127.0.0.1:8000") as client:
         assert client.get("/api/config").status_code == 200
         assert client.get("/api/config", headers={"host": "attacker.example"}).status_code == 400
@@ -332,8 +332,8 @@ def write_separated_catalog(root: Path) -> Path:
 def test_catalog_tracks_can_be_listed_opened_and_remixed(separator, tmp_path):
     destination = write_separated_catalog(tmp_path / "separated")
     catalog = Catalog(str(destination))
-    settings = Settings(workdir=tmp_path / "jobs")
-    with TestClient(create_app(separator, settings, catalog)) as client:
+    limits = ServerLimits(workdir=tmp_path / "jobs")
+    with TestClient(create_app(separator, limits, catalog)) as client:
         assert client.get("/api/config").json()["catalog"] is True
         listing = client.get("/api/catalog").json()
         assert [track["name"] for track in listing["tracks"]] == ["album/first song.wav"]

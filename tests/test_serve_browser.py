@@ -38,9 +38,12 @@ CHROMIUM_ARGS = [
 ]
 METASEP = Path(sys.executable).with_name("metasep")
 
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason=f"{CHROMIUM} is missing (make system-deps installs chromium)"
-)
+pytestmark = [
+    pytest.mark.slow,  # a metasep serve process and a headless browser
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason=f"{CHROMIUM} is missing (make system-deps installs chromium)"
+    ),
+]
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from model import MultiTasNet, TasNetConfig, load_checkpoint
+from model import STEMS, MultiTasNet, TasNetConfig, load_checkpoint
 from pipeline.cli import main
+from pipeline.separator import Separator
 from pipeline.training.config import RunConfig, TrainConfig
 from pipeline.training.data import CropSampler, find_tracks, prepare_tracks
+from pipeline.training.loop import Job, Trainer
 from pipeline.training.optim import Ranger, sgdr_learning_rate
 from pipeline.training.train import prepare_job, train_local
 
@@ -139,6 +141,7 @@ def test_sgdr_restarts_with_decayed_peak():
     assert sgdr_learning_rate(100, 1e-3, 100, 0.85) == pytest.approx(0.85e-3)
 
 
+@pytest.mark.slow  # two runs of several steps and validations each
 def test_resume_continues_exactly(tone_catalog, tmp_path):
     cache = tmp_path / "cache"
     straight = prepare_job(
@@ -181,6 +184,36 @@ def test_existing_run_needs_resume(tone_catalog, tmp_path):
         )
 
 
+def _si_snr_db(estimate: np.ndarray, target: np.ndarray) -> float:
+    """Scale-invariant SNR of one signal, written out in numpy (the yardstick)."""
+    projection = (estimate @ target) / (target @ target) * target
+    return 10 * np.log10((projection @ projection) / ((estimate - projection) ** 2).sum())
+
+
+def test_validation_scores_what_the_engine_separates(stage_tracks, tmp_path):
+    """best.safetensors is chosen on the engine's separation of the stereo mix, not on the
+    release's chunked inference; validating leaves the model as it was, in training mode."""
+    track = stage_tracks[3]
+    job = Job(tmp_path, TINY, stage_tracks[:3], [track], data="tones", progress=False)
+    trainer = Trainer(job)
+    weights = {name: value.clone() for name, value in trainer.model.state_dict().items()}
+    metrics = trainer.validate()
+    assert metrics["inference"] == "engine" and metrics["tracks"] == 1
+    stems = np.asarray(track.stages[-1], dtype=np.float32)  # (4, 2, samples) at the top rate
+    rate = TINY_MODEL.stage_rates()[-1]
+    estimates = Separator(trainer.model, device="cpu").separate(stems.sum(0), rate)
+    for index, stem in enumerate(STEMS):
+        expected = np.mean(
+            [_si_snr_db(estimates[stem][c].astype(np.float64), stems[index, c]) for c in (0, 1)]
+        )
+        assert metrics["si_snr"][stem] == pytest.approx(expected, abs=1e-3)
+    assert metrics["objective"] == pytest.approx(np.mean(list(metrics["si_snr"].values())))
+    assert trainer.model.training
+    for name, value in trainer.model.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+
+
+@pytest.mark.slow  # the whole command: catalog, cache, training, checkpoints
 def test_train_command_writes_checkpoints_and_metrics(tone_catalog, tmp_path, capsys):
     config_file = tmp_path / "tiny.json"
     config_file.write_text(json.dumps(TINY.to_dict()))
@@ -213,6 +246,7 @@ def test_bad_catalog_is_a_usage_error(tmp_path, capsys):
     assert "no such catalog" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # encodes and decodes AAC streams with ffmpeg
 def test_musdb_stem_mp4_catalog_is_read_through_musdb(tmp_path):
     stempeg = pytest.importorskip("stempeg")
     rate, seconds = 44100, 2

@@ -39,12 +39,12 @@ from pipeline.audio import AudioError
 from pipeline.catalog.listing import CatalogTrack
 from pipeline.catalog.manifest import ManifestWriter
 from pipeline.catalog.paths import stem_paths
+from pipeline.catalog.runs import RunTally
 from pipeline.catalog.storage import full_url, open_location, retry_storage, upload_file
 from pipeline.separator import SeparatedFile
 
 log = logging.getLogger(__name__)
 
-STEM_FORMATS = ("flac", "wav")
 GPU_TRACKS_PER_CALL = 8  # a GPU worker's tracks per call: their windows fill its forward passes
 _TRACK_COLUMNS = ("track_id", "source_uri", "source_size", "source_version")
 _URI_COLUMNS = tuple(f"{stem}_uri" for stem in STEMS)
@@ -72,36 +72,12 @@ class JobConfig:
 
 
 @dataclass
-class WorkerStats:
-    """One model worker's share of a run."""
+class JobResult(RunTally):
+    """What the job did (:class:`pipeline.catalog.runs.RunTally`: counts, audio, per-worker model-busy
+    time), whether it stopped at a failure, the failures and the manifest files written."""
 
-    tracks: int = 0
-    audio_s: float = 0.0
-    model_s: float = 0.0
-    first_start: float = float("inf")
-    last_end: float = 0.0
-
-    @property
-    def wall_s(self) -> float:
-        """Wall time from its first track's separation to its last: after start-up."""
-        return max(0.0, self.last_end - self.first_start)
-
-    @property
-    def busy_fraction(self) -> float:
-        return self.model_s / self.wall_s if self.wall_s > 0 else 1.0
-
-
-@dataclass
-class JobResult:
-    """What the job did: counts, audio processed, and per-worker timing."""
-
-    ok: int = 0
-    error: int = 0
-    audio_s: float = 0.0
-    wall_s: float = 0.0
     stopped_early: bool = False
     errors: list[tuple[str, str]] = field(default_factory=list)  # (track_id, message)
-    workers: dict[str, WorkerStats] = field(default_factory=dict)
     manifest_parts: list[str] = field(default_factory=list)
 
 
@@ -324,16 +300,13 @@ def _account(result: JobResult, row: dict[str, Any]) -> None:
         result.error += 1
         result.errors.append((str(row["track_id"]), str(row["error"])))
         return
-    result.ok += 1
-    audio_s = int(row["samples"]) / int(row["sample_rate"])
-    result.audio_s += audio_s
-    stats = result.workers.setdefault(str(row["worker"]), WorkerStats())
-    started, seconds = float(row["model_started"]), float(row["model_seconds"])
-    stats.tracks += 1
-    stats.audio_s += audio_s
-    stats.model_s += seconds
-    stats.first_start = min(stats.first_start, started)
-    stats.last_end = max(stats.last_end, started + seconds)
+    result.count_ok(
+        str(row["worker"]),
+        audio_s=int(row["samples"]) / int(row["sample_rate"]),
+        started=float(row["model_started"]),
+        busy_s=float(row["model_seconds"]),
+        device_s=float(row["device_seconds"]) if float(row["device_seconds"]) >= 0 else None,
+    )
 
 
 def _columns(values: dict[str, list[Any]]) -> dict[str, np.ndarray]:

@@ -1,6 +1,13 @@
 """Storage through fsspec: one place that opens locations, retries transient errors and writes
 objects so that a reader never sees a partial file.
 
+:func:`retry_storage` is the only retry layer for storage errors. It wraps each request, so a
+throttled or reset request is repeated alone, where it failed, whoever made it: a flow task, a
+Ray task decoding a track, the serve app or the CLI. The flows' Prefect tasks therefore have no
+retries of their own (stacked on these, one bad minute of an object store meant up to 20 attempts
+and a minute of waiting per listing), and Ray's retries are left to what only Ray can handle: a
+worker process or node that died.
+
 Every URL fsspec knows works: local paths, ``file://``, ``s3://`` (s3fs; endpoint, region, profile
 and anonymous access come from the storage options or the usual ``AWS_*`` environment variables,
 so MinIO, Ceph RGW and AWS all work), ``gs://`` where gcsfs is installed, ``memory://``.

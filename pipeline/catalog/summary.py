@@ -1,8 +1,8 @@
-"""The run summary: ``DST/runs/<run_id>.json`` and the lines printed at the end of a run."""
+"""The run summary of a catalog separation: ``DST/runs/<run_id>.json`` and the lines printed at
+the end of a run (the parts it shares with evaluation's come from :mod:`pipeline.catalog.runs`)."""
 
 from __future__ import annotations
 
-import json
 import posixpath
 from datetime import datetime
 from typing import Any
@@ -10,9 +10,10 @@ from typing import Any
 from pipeline.catalog.job import JobResult
 from pipeline.catalog.manifest import manifest_root
 from pipeline.catalog.plan import Plan
-from pipeline.catalog.storage import full_url, open_location, write_bytes
+from pipeline.catalog.runs import MAX_LISTED, counts, worker_summaries, write_summary
+from pipeline.catalog.storage import full_url, open_location
 
-MAX_LISTED_ERRORS = 100
+__all__ = ["build_summary", "format_summary", "write_summary"]
 
 
 def build_summary(
@@ -41,14 +42,12 @@ def build_summary(
         "options_hash": options_hash,
         "started_at": started_at.isoformat(),
         "finished_at": finished_at.isoformat(),
-        "tracks": {
-            "listed": len(plan.todo) + len(plan.skipped),
-            "planned": len(plan.todo),
-            "ok": result.ok,
-            "error": result.error,
-            "skipped": len(plan.skipped),
-            "not_processed": len(plan.todo) - result.ok - result.error,
-        },
+        "tracks": counts(
+            listed=len(plan.todo) + len(plan.skipped),
+            planned=len(plan.todo),
+            skipped=len(plan.skipped),
+            tally=result,
+        ),
         "stopped_early": result.stopped_early,
         "audio_seconds": round(result.audio_s, 3),
         "wall_seconds": round(wall_s, 3),
@@ -56,29 +55,12 @@ def build_summary(
         "audio_seconds_per_second": round(result.audio_s / result.wall_s, 3)
         if result.wall_s
         else None,
-        "workers": {
-            name: {
-                "tracks": stats.tracks,
-                "audio_seconds": round(stats.audio_s, 3),
-                "model_busy_seconds": round(stats.model_s, 3),
-                "wall_seconds_after_startup": round(stats.wall_s, 3),
-                "busy_fraction": round(stats.busy_fraction, 4),
-            }
-            for name, stats in sorted(result.workers.items())
-        },
+        "workers": worker_summaries(result, busy="model_busy_seconds"),
         "errors": [
             {"track_id": track_id, "error": message}
-            for track_id, message in result.errors[:MAX_LISTED_ERRORS]
+            for track_id, message in result.errors[:MAX_LISTED]
         ],
     }
-
-
-def write_summary(summary: dict[str, Any], storage_options: dict[str, Any] | None = None) -> str:
-    """Write ``DST/runs/<run_id>.json``; returns its URL."""
-    fs, root = open_location(summary["destination"], storage_options)
-    path = posixpath.join(root, "runs", f"{summary['run_id']}.json")
-    write_bytes(fs, path, json.dumps(summary, indent=2, ensure_ascii=False).encode())
-    return full_url(fs, path)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -100,6 +82,11 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"  worker {name}: {worker['tracks']} tracks, model busy "
             f"{worker['model_busy_seconds']:.1f} s of {worker['wall_seconds_after_startup']:.1f} s "
             f"({100 * worker['busy_fraction']:.0f}%)"
+            + (
+                f", GPU busy {100 * worker['device_busy_fraction']:.0f}%"
+                if "device_busy_fraction" in worker
+                else ""
+            )
         )
     for error in summary["errors"][:10]:
         lines.append(f"  failed {error['track_id']}: {error['error']}")

@@ -6,7 +6,7 @@ import argparse
 import json
 import math
 
-from pipeline.cli import UsageError
+from pipeline.commands import UsageError
 from pipeline.commands.separate import add_window_arguments
 from pipeline.separator import PRECISION_CHOICES, resolve_precision
 

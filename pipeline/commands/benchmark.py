@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli import UsageError
-from pipeline.settings import load_settings, use_settings
+from model import CheckpointError
+from pipeline.catalog.summary import format_summary
+from pipeline.commands import UsageError, launch
+from pipeline.commands.evaluate import exit_code, print_evaluation
+from pipeline.commands.options import add_cluster_arguments, at_least_one
+from pipeline.settings import load_settings
+from pipeline.weights import resolve_weights
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from pipeline.catalog.cli import add_cluster_arguments
-
     parser = subparsers.add_parser(
         "benchmark",
         help="separate a test catalog with checkpoints and compare museval SDR (end to end)",
@@ -64,13 +67,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from model import CheckpointError
-    from pipeline.catalog.cli import prepare_prefect
-    from pipeline.catalog.listing import CatalogError
-    from pipeline.catalog.summary import format_summary
-    from pipeline.commands.evaluate import exit_code, print_evaluation
-    from pipeline.weights import resolve_weights
-
     # storage options (maybe credentials) reach the flow as settings, not as recorded parameters
     settings = load_settings(ray_address=args.ray_address, storage_options=args.storage_options)
     checkpoints = _checkpoints(args.checkpoint)
@@ -79,30 +75,22 @@ def run(args: argparse.Namespace) -> int:
             resolve_weights(path, settings)  # named weights are fetched now, before any flow
         except CheckpointError as error:
             raise UsageError(f"--checkpoint {name}={path}: {error}") from None
-    for option, value in (("--tracks", args.tracks), ("--workers", args.workers)):
-        if value is not None and value < 1:
-            raise UsageError(f"{option} must be 1 or more, not {value}")
+    at_least_one({"--tracks": args.tracks, "--workers": args.workers})
     if args.references is None and not 1.0 <= args.seconds <= 600.0:
         raise UsageError(f"--seconds must be between 1 and 600, not {args.seconds:g}")
-    prepare_prefect()
-    from flows.benchmark import benchmark
-
-    try:
-        with use_settings(settings):
-            result = benchmark(
-                str(args.out),
-                checkpoints,
-                references=args.references,
-                tracks=args.tracks if args.references or args.tracks else 4,
-                seconds=args.seconds,
-                seed=args.seed,
-                split=args.split,
-                workers=args.workers,
-                separate_workers=args.separate_workers,
-                ray_address=settings.ray_address,
-            )
-    except CatalogError as error:
-        raise UsageError(str(error)) from None
+    result = launch.benchmark(
+        settings,
+        str(args.out),
+        checkpoints,
+        references=args.references,
+        tracks=args.tracks if args.references or args.tracks else 4,
+        seconds=args.seconds,
+        seed=args.seed,
+        split=args.split,
+        workers=args.workers,
+        separate_workers=args.separate_workers,
+        ray_address=settings.ray_address,
+    )
     print(f"references: {result['references']}")
     for name, separation in result["separations"].items():
         print(f"{name}: {format_summary(separation).splitlines()[0]}")

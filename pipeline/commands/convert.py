@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from model import CheckpointError, load_checkpoint_with_metadata, save_checkpoint
-from pipeline.cli import UsageError
+from pipeline.commands import UsageError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from model import CheckpointError, MultiTasNet, save_checkpoint
-from pipeline.cli import UsageError
+from pipeline.catalog.summary import format_summary
+from pipeline.commands import UsageError, launch
 from pipeline.settings import settings_from_args
 from pipeline.weights import resolve_weights
 
@@ -41,17 +42,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.catalog.cli import prepare_prefect
-    from pipeline.catalog.summary import format_summary
-
     if not 1 <= args.tracks <= 1000 or not 1.0 <= args.seconds <= 600.0:
         raise UsageError("--tracks must be 1-1000 and --seconds 1-600")
     library = build_library(args.out, args.tracks, args.seconds)
-    checkpoint = demo_checkpoint(settings_from_args(args).checkpoint, args.out)
-    prepare_prefect()
-    from flows.separate import separate_catalog
-
-    summary = separate_catalog(str(library), str(args.out / "separated"), checkpoint=checkpoint)
+    settings = settings_from_args(args)
+    checkpoint = demo_checkpoint(settings.checkpoint, args.out)
+    summary = launch.separate_catalog(
+        settings, str(library), str(args.out / "separated"), checkpoint=checkpoint
+    )
     print()
     print(format_summary(summary))
     print(f"summary: {summary['summary_uri']}")

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli import UsageError
+from pipeline.commands import UsageError
 from pipeline.settings import redact
 
 PREFECT_FILE = Path("infra") / "prefect" / "prefect.yaml"

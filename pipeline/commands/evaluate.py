@@ -7,13 +7,13 @@ import argparse
 from typing import Any
 
 from model import STEMS
-from pipeline.cli import UsageError
-from pipeline.settings import load_settings, use_settings
+from pipeline.commands import UsageError, launch
+from pipeline.commands.options import add_cluster_arguments, argument_type, at_least_one
+from pipeline.settings import load_settings
+from pipeline.stems import parse_stems
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from pipeline.catalog.cli import add_cluster_arguments
-
     parser = subparsers.add_parser(
         "evaluate",
         help="score estimates against a reference catalog with museval (SiSEC 2018 settings)",
@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--split", default="test", help="REFS/<split> (default: test)")
     parser.add_argument(
         "--targets",
-        type=_targets,
+        type=argument_type(parse_stems),
         default=STEMS,
         metavar="T,T",
         help=f"targets to score (default: {','.join(STEMS)})",
@@ -55,45 +55,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def _targets(text: str) -> tuple[str, ...]:
-    targets = tuple(t.strip() for t in text.split(",") if t.strip())
-    unknown = [t for t in targets if t not in STEMS]
-    if unknown or not targets:
-        raise argparse.ArgumentTypeError(f"choose among {', '.join(STEMS)}")
-    return targets
-
-
 def run(args: argparse.Namespace) -> int:
-    from pipeline.catalog.cli import prepare_prefect
-    from pipeline.catalog.listing import CatalogError
-
     *estimates, destination = args.locations
     if not estimates and not args.mixture_baseline:
         raise UsageError("give at least one estimate source EST before OUT (or --mixture-baseline)")
-    for name, value in (("--workers", args.workers), ("--tracks", args.tracks)):
-        if value is not None and value < 1:
-            raise UsageError(f"{name} must be 1 or more, not {value}")
-    prepare_prefect()
-    from flows.evaluate import evaluate_catalog
-
+    at_least_one({"--workers": args.workers, "--tracks": args.tracks})
     # storage options (maybe credentials) reach the flow as settings, not as recorded parameters
     settings = load_settings(ray_address=args.ray_address, storage_options=args.storage_options)
-    try:
-        with use_settings(settings):
-            summary = evaluate_catalog(
-                args.references,
-                estimates,
-                destination,
-                workers=args.workers,
-                ray_address=settings.ray_address,
-                split=args.split,
-                targets=args.targets,
-                with_mixture=args.mixture_baseline,
-                limit=args.tracks,
-                run_id=args.run_id,
-            )
-    except CatalogError as error:
-        raise UsageError(str(error)) from None
+    summary = launch.evaluate_catalog(
+        settings,
+        args.references,
+        estimates,
+        destination,
+        workers=args.workers,
+        ray_address=settings.ray_address,
+        split=args.split,
+        targets=args.targets,
+        with_mixture=args.mixture_baseline,
+        limit=args.tracks,
+        run_id=args.run_id,
+    )
     print_evaluation(summary)
     return exit_code(summary)
 

@@ -19,8 +19,9 @@ from tqdm import tqdm
 
 from model import STEMS, CheckpointError
 from pipeline.audio import FORMATS, AudioError
-from pipeline.catalog import cli as catalog
-from pipeline.cli import UsageError
+from pipeline.commands import UsageError
+from pipeline.commands import catalog as catalog_run
+from pipeline.commands.options import add_catalog_arguments, argument_type, setting_help
 from pipeline.separator import (
     DEFAULT_BATCH,
     DEFAULT_CONTEXT,
@@ -29,6 +30,7 @@ from pipeline.separator import (
     Separator,
 )
 from pipeline.settings import Settings, settings_from_args
+from pipeline.stems import MAX_GAIN, parse_remix, parse_stems
 from pipeline.weights import resolve_weights
 
 KARAOKE = "karaoke"
@@ -52,14 +54,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "-o", "--out", type=Path, default=Path("separated"), help="output folder (./separated)"
     )
-    parser.add_argument("--checkpoint", help=catalog.setting_help("checkpoint"))
-    parser.add_argument("--device", help=catalog.setting_help("device"))
-    parser.add_argument(
-        "--precision", choices=PRECISION_CHOICES, help=catalog.setting_help("precision")
-    )
+    parser.add_argument("--checkpoint", help=setting_help("checkpoint"))
+    parser.add_argument("--device", help=setting_help("device"))
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, help=setting_help("precision"))
     parser.add_argument(
         "--stems",
-        type=_stem_list,
+        type=argument_type(parse_stems),
         default=STEMS,
         help=f"comma-separated stems to write (default: {','.join(STEMS)})",
     )
@@ -69,16 +69,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="STEM",
         help="write STEM and no_STEM (the other three summed) only",
     )
-    parser.add_argument("--format", choices=FORMATS, help=catalog.setting_help("stem_format"))
+    parser.add_argument("--format", choices=FORMATS, help=setting_help("stem_format"))
     parser.add_argument(
         "--karaoke", action="store_true", help=f"also write {KARAOKE}: drums + bass + other"
     )
     parser.add_argument(
         "--remix",
-        type=_remix,
+        type=argument_type(parse_remix),
         metavar="STEM=GAIN,...",
         help=f"also write {REMIX}: the stems re-balanced, e.g. vocals=1.2,drums=0.3 "
-        "(unnamed stems keep gain 1)",
+        f"(gains 0-{MAX_GAIN:g}; unnamed stems keep gain 1)",
     )
     parser.add_argument(
         "--start",
@@ -95,7 +95,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="length of the excerpt in seconds (default: to the end)",
     )
     add_window_arguments(parser)
-    catalog.add_catalog_arguments(parser)
+    add_catalog_arguments(parser)
     parser.set_defaults(handler=run)
 
 
@@ -124,8 +124,8 @@ def add_window_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, stem_format="format")
-    if catalog.wants_catalog(args.files, settings.options()):
-        return catalog.run_separate_command(args, settings)
+    if catalog_run.wants_catalog(args.files, settings.options()):
+        return catalog_run.run_separate_command(args, settings)
     args.files = [Path(name) for name in args.files]
     outputs = requested_outputs(args.stems, args.two_stems, args.karaoke, args.remix)
     separator = build_separator(args, settings)
@@ -221,32 +221,6 @@ def track_name(path: Path) -> str:
 
 def _weights(gains: dict[str, float], default: float) -> tuple[float, ...]:
     return tuple(float(gains.get(stem, default)) for stem in STEMS)
-
-
-def _stem_list(text: str) -> tuple[str, ...]:
-    names = tuple(name.strip() for name in text.split(",") if name.strip())
-    unknown = [name for name in names if name not in STEMS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown stem(s) {', '.join(unknown) or text!r}; choose from {', '.join(STEMS)}"
-        )
-    return names
-
-
-def _remix(text: str) -> dict[str, float]:
-    gains = {}
-    for item in text.split(","):
-        stem, _, value = item.partition("=")
-        stem = stem.strip()
-        if stem not in STEMS:
-            raise argparse.ArgumentTypeError(f"unknown stem {stem!r} in {text!r}")
-        try:
-            gains[stem] = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{item!r} is not STEM=GAIN") from None
-        if not math.isfinite(gains[stem]):
-            raise argparse.ArgumentTypeError(f"{item!r}: the gain must be a finite number")
-    return gains
 
 
 def _seconds(text: str) -> float:

@@ -14,9 +14,9 @@ import logging
 import socket
 from pathlib import Path
 
-from pipeline.catalog.cli import json_object, setting_help
 from pipeline.catalog.storage import open_location
-from pipeline.cli import UsageError
+from pipeline.commands import UsageError
+from pipeline.commands.options import add_storage_options, setting_help
 from pipeline.commands.separate import build_separator
 from pipeline.separator import DEFAULT_BATCH, DEFAULT_CONTEXT, DEFAULT_SEGMENT, PRECISION_CHOICES
 from pipeline.settings import settings_from_args
@@ -44,12 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="DST",
         help="also offer the tracks of a separated catalog (the DST of metasep separate SRC DST)",
     )
-    parser.add_argument(
-        "--storage-options",
-        type=json_object,
-        metavar="JSON",
-        help=setting_help("storage_options", "fsspec options of --catalog"),
-    )
+    add_storage_options(parser, "fsspec options of --catalog")
     parser.add_argument(
         "--max-upload-mb", type=float, default=200.0, metavar="MB", help="upload limit (200)"
     )
@@ -82,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
     from pipeline.serve.app import create_app
 
-    settings = _settings(args)
+    limits = _limits(args)
     shared = settings_from_args(args)  # checkpoint, device, precision, storage options
     catalog = _catalog(args, shared.options()) if args.catalog else None
     separator = build_separator(args, shared)
@@ -96,9 +91,9 @@ def run(args: argparse.Namespace) -> int:
         + "). Ctrl+C to stop.",
         flush=True,
     )
-    if settings.allowed_hosts is None:
+    if limits.allowed_hosts is None:
         log.warning("bound to %s: anyone who can reach it can use it (no accounts)", host)
-    app = create_app(separator, settings, catalog)
+    app = create_app(separator, limits, catalog)
     config = uvicorn.Config(
         app,
         log_level="debug" if args.verbose else "warning",
@@ -111,13 +106,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings(args: argparse.Namespace):
-    from pipeline.serve.app import Settings
+def _limits(args: argparse.Namespace):
+    from pipeline.serve.app import ServerLimits
 
     for name in ("max_upload_mb", "max_minutes", "keep_jobs", "max_queue"):
         if getattr(args, name) <= 0:
             raise UsageError(f"--{name.replace('_', '-')} must be more than 0")
-    return Settings(
+    return ServerLimits(
         max_upload_bytes=int(args.max_upload_mb * 2**20),
         max_seconds=args.max_minutes * 60.0,
         keep_jobs=args.keep_jobs,

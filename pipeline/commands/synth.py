@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.cli import UsageError
+from pipeline.commands import UsageError
 from pipeline.synth import SPLITS, SynthError, find_synthesizer, write_dataset
 from pipeline.synth.render import DEFAULT_SOUNDFONTS
 

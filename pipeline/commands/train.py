@@ -7,8 +7,8 @@ import dataclasses
 import json
 from pathlib import Path
 
-from pipeline.catalog.cli import setting_help
-from pipeline.cli import UsageError
+from pipeline.commands import UsageError
+from pipeline.commands.options import setting_help
 from pipeline.settings import settings_from_args
 from pipeline.training.config import load_run_config
 

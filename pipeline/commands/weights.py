@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from model import STEMS
-from pipeline.cli import UsageError
+from pipeline.commands import UsageError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -1,17 +1,18 @@
-"""The scoring job: one Ray task per (method, track), results recorded as Parquet manifests.
+"""The scoring job: one Ray Data task per (method, track), results recorded as Parquet manifests.
 
 museval's BSSEval v4 is CPU-bound and single-threaded (about 23 s for 30 s of four-stem stereo on
-one core), so a task takes one CPU and the driver keeps ``workers`` of them in flight. Each task
+one core), so a task takes one CPU and ``workers`` of them run at once. Each task
 decodes the reference and estimate files itself (so only URLs travel), scores them, writes
 museval's per-track JSON and returns a manifest row holding the per-frame scores. Whatever goes
-wrong with one track (a corrupt file, a wrong channel count, a worker that died) becomes that
-track's error row; the run goes on.
+wrong with one track (a corrupt file, a wrong channel count) becomes that track's error row; the
+run goes on, and a task whose worker died is run again.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import socket
 import time
 from dataclasses import dataclass, field
@@ -23,9 +24,10 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline.audio import AudioError, resample
-from pipeline.catalog.job import WorkerStats, readable_error
+from pipeline.catalog.job import readable_error
 from pipeline.catalog.manifest import ManifestWriter
 from pipeline.catalog.references import MIXTURE, read_references
+from pipeline.catalog.runs import RunTally
 from pipeline.catalog.storage import open_location, read_audio_at, write_bytes
 from pipeline.evaluation.plan import Pair
 from pipeline.scoring import METRICS, SISEC_RATE, score_track, track_store
@@ -78,17 +80,13 @@ class EvaluationConfig:
 
 
 @dataclass
-class EvaluationResult:
-    """What the job did: counts, audio scored, and per-worker timing."""
+class EvaluationResult(RunTally):
+    """What the job did (:class:`pipeline.catalog.runs.RunTally`: counts, audio, per-worker
+    scoring time), the CPU time it cost, its failures and warnings."""
 
-    ok: int = 0
-    error: int = 0
-    audio_s: float = 0.0
     cpu_s: float = 0.0
-    wall_s: float = 0.0
     errors: list[tuple[str, str, str]] = field(default_factory=list)  # (method, track, message)
     warnings: list[tuple[str, str, str]] = field(default_factory=list)
-    workers: dict[str, WorkerStats] = field(default_factory=dict)
 
     @property
     def tracks_per_hour(self) -> float | None:
@@ -130,26 +128,42 @@ def _score_on_ray(
     writer: ManifestWriter,
     result: EvaluationResult,
 ) -> None:
-    """Keep ``config.workers`` tasks in flight; record each row as soon as its task ends."""
-    task = ray.remote(num_cpus=config.cpus_per_task, max_retries=3)(score_pair)
-    queue = list(reversed(todo))
-    pending: dict[Any, Pair] = {}
+    """Score ``todo`` as a Ray Data job, the idiom of catalog separation: one block per pair,
+    ``config.workers`` scoring tasks at once; each row is recorded as soon as it arrives.
+
+    :func:`score_pair` never raises (a pair's failure is its row), storage errors are retried
+    inside it, and a task whose worker process died is run again by Ray Data, as in separation.
+    The rows travel pickled, so that their UTC times and per-frame scores come back exactly as
+    the task made them.
+    """
+    blocks = min(len(todo), 5000)
+    dataset = ray.data.from_items(
+        [{"index": index} for index in range(len(todo))], override_num_blocks=blocks
+    )
+    dataset.context.enable_progress_bars = False  # the driver shows one bar in pairs
+    dataset = dataset.map_batches(
+        score_batch,
+        batch_size=1,
+        num_cpus=config.cpus_per_task,
+        compute=ray.data.TaskPoolStrategy(size=max(1, min(config.workers, blocks))),
+        fn_kwargs={"pairs": todo, "storage_options": config.storage_options},
+    )
     started = time.monotonic()
     with tqdm(total=len(todo), unit="track", desc="scoring", dynamic_ncols=True) as bar:
-        while queue or pending:
-            while queue and len(pending) < max(1, config.workers):
-                pair = queue.pop()
-                pending[task.remote(pair, config.storage_options)] = pair
-            (ready,), _ = ray.wait(list(pending), num_returns=1)
-            pair = pending.pop(ready)
-            try:
-                row = ray.get(ready)
-            except Exception as failure:  # the worker died (and its retries): the track fails
-                row = {**problem_row(pair), "error": f"worker failed: {readable_error(failure)}"}
-            _record(writer, result, row, config.run_id)
+        for item in dataset.iter_rows():
+            _record(writer, result, pickle.loads(item["row"]), config.run_id)
             bar.update()
             bar.set_postfix(ok=result.ok, error=result.error)
     result.wall_s = time.monotonic() - started
+
+
+def score_batch(
+    batch: dict[str, np.ndarray], pairs: list[Pair], storage_options: dict[str, Any] | None
+) -> dict[str, np.ndarray]:
+    """The Ray Data stage: score the pairs whose indices ``batch`` holds (one, in practice)."""
+    rows = np.empty(len(batch["index"]), dtype=object)
+    rows[:] = [pickle.dumps(score_pair(pairs[int(i)], storage_options)) for i in batch["index"]]
+    return {"row": rows}
 
 
 def _record(
@@ -164,16 +178,13 @@ def _record(
         result.error += 1
         result.errors.append((*where, row["error"]))
         return
-    result.ok += 1
-    result.audio_s += row["duration_s"]
     result.cpu_s += row["cpu_seconds"]
-    stats = result.workers.setdefault(row["worker"], WorkerStats())
-    started = row["started_at"].timestamp()
-    stats.tracks += 1
-    stats.audio_s += row["duration_s"]
-    stats.model_s += row["score_seconds"]
-    stats.first_start = min(stats.first_start, started)
-    stats.last_end = max(stats.last_end, started + row["score_seconds"])
+    result.count_ok(
+        row["worker"],
+        audio_s=row["duration_s"],
+        started=row["started_at"].timestamp(),
+        busy_s=row["score_seconds"],
+    )
 
 
 def problem_row(pair: Pair) -> dict[str, Any]:

@@ -27,12 +27,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.catalog.manifest import manifest_root
+from pipeline.catalog.runs import MAX_LISTED, counts, worker_summaries, write_summary
 from pipeline.catalog.storage import full_url, open_location, write_bytes
 from pipeline.evaluation.job import EvaluationResult
 from pipeline.evaluation.plan import EvaluationPlan
 from pipeline.scoring import METRICS, summarize
 
-MAX_LISTED = 100
+__all__ = ["build_summary", "format_summary", "write_reports", "write_summary"]
 FRAME_COLUMNS = ["method", "track", "target", "frame", "time", *METRICS]
 
 
@@ -272,14 +273,9 @@ def build_summary(
         "started_at": started_at.isoformat(),
         "finished_at": finished_at.isoformat(),
         "tracks": len({pair.track for pair in plan.pairs}),
-        "pairs": {
-            "listed": len(plan.pairs),
-            "planned": scored,
-            "ok": result.ok,
-            "error": result.error,
-            "skipped": len(plan.skipped),
-            "not_processed": scored - result.ok - result.error,
-        },
+        "pairs": counts(
+            listed=len(plan.pairs), planned=scored, skipped=len(plan.skipped), tally=result
+        ),
         "failing_now": len(failed),
         "unmatched_estimates": {name: n for name, n in plan.unmatched.items() if n},
         "audio_seconds": round(result.audio_s, 3),
@@ -287,15 +283,7 @@ def build_summary(
         "job_seconds": round(result.wall_s, 3),
         "tracks_per_hour": round(result.tracks_per_hour, 1) if result.tracks_per_hour else None,
         "cpu_seconds_per_track": round(result.cpu_s / result.ok, 2) if result.ok else None,
-        "workers": {
-            name: {
-                "tracks": stats.tracks,
-                "audio_seconds": round(stats.audio_s, 3),
-                "scoring_seconds": round(stats.model_s, 3),
-                "busy_fraction": round(stats.busy_fraction, 4),
-            }
-            for name, stats in sorted(result.workers.items())
-        },
+        "workers": worker_summaries(result, busy="scoring_seconds"),
         "errors": failed[:MAX_LISTED],
         "warnings": [
             {"method": m, "track": t, "warnings": w} for m, t, w in result.warnings[:MAX_LISTED]
@@ -303,13 +291,6 @@ def build_summary(
         "scores": json.loads(summary.to_json(orient="records")),
         "outputs": outputs,
     }
-
-
-def write_summary(summary: dict[str, Any], storage_options: dict[str, Any] | None = None) -> str:
-    """Write ``DST/runs/<run_id>.json``; returns its URL."""
-    fs, root = open_location(summary["destination"], storage_options)
-    data = json.dumps(summary, indent=2, ensure_ascii=False).encode()
-    return _write(fs, root, posixpath.join("runs", f"{summary['run_id']}.json"), data)
 
 
 def format_summary(summary: dict[str, Any]) -> str:

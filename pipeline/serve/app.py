@@ -57,7 +57,8 @@ from pipeline.serve.jobs import (
     new_job_id,
     probe_audio,
 )
-from pipeline.serve.mix import parse_gains, render_mix
+from pipeline.serve.mix import render_mix
+from pipeline.stems import parse_gains
 
 log = logging.getLogger(__name__)
 STATIC = "static"
@@ -73,8 +74,14 @@ _UNSAFE_NAME = re.compile(r"[^\w .,()&'+-]+")
 
 
 @dataclass
-class Settings:
-    """The server's limits and options (the command line's)."""
+class ServerLimits:
+    """What this server allows and where it keeps jobs, from ``metasep serve``'s flags.
+
+    Not settings in the sense of :mod:`pipeline.settings` (knobs shared by the CLI and the flows,
+    with ``METASEP_*`` variables): these belong to one server. The shared ones (checkpoint,
+    device, precision, storage options) come from there, through the separator and catalog
+    that the command builds.
+    """
 
     max_upload_bytes: int = 200 * 1024 * 1024
     max_seconds: float = 20 * 60.0
@@ -93,19 +100,19 @@ class ApiError(Exception):
 
 
 def create_app(
-    separator: Separator, settings: Settings | None = None, catalog: Catalog | None = None
+    separator: Separator, limits: ServerLimits | None = None, catalog: Catalog | None = None
 ) -> Starlette:
     """The app; its lifespan starts the separation worker and deletes every job folder at exit."""
-    settings = settings or Settings()
+    limits = limits or ServerLimits()
     state: dict[str, JobManager] = {}
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         with contextlib.ExitStack() as stack:
-            workdir = settings.workdir or Path(
+            workdir = limits.workdir or Path(
                 stack.enter_context(tempfile.TemporaryDirectory(prefix="metasep-serve-"))
             )
-            manager = JobManager(separator, workdir, settings.keep_jobs, settings.max_queue)
+            manager = JobManager(separator, workdir, limits.keep_jobs, limits.max_queue)
             manager.start()
             state["jobs"] = manager
             try:
@@ -113,7 +120,7 @@ def create_app(
             finally:
                 manager.stop()
 
-    api = _Api(separator, settings, catalog, state)
+    api = _Api(separator, limits, catalog, state)
     routes = [
         Route("/", _page),
         Route("/api/config", api.config),
@@ -126,8 +133,8 @@ def create_app(
         Mount("/static", StaticFiles(packages=[("pipeline.serve", STATIC)]), name="static"),
     ]
     middleware = [Middleware(_SecurityHeaders)]
-    if settings.allowed_hosts:
-        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=settings.allowed_hosts))
+    if limits.allowed_hosts:
+        middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=limits.allowed_hosts))
     return Starlette(
         routes=routes,
         middleware=middleware,
@@ -166,16 +173,16 @@ async def _api_error(request: Request, error: Exception) -> Response:
 
 
 class _Api:
-    """The request handlers; they share the settings, the catalog and the job manager."""
+    """The request handlers; they share the limits, the catalog and the job manager."""
 
     def __init__(
         self,
         separator: Separator,
-        settings: Settings,
+        limits: ServerLimits,
         catalog: Catalog | None,
         state: dict[str, JobManager],
     ) -> None:
-        self.separator, self.settings, self.catalog = separator, settings, catalog
+        self.separator, self.limits, self.catalog = separator, limits, catalog
         self._state = state
 
     @property
@@ -186,8 +193,8 @@ class _Api:
         return JSONResponse(
             {
                 "stems": list(STEMS),
-                "max_upload_bytes": self.settings.max_upload_bytes,
-                "max_seconds": self.settings.max_seconds,
+                "max_upload_bytes": self.limits.max_upload_bytes,
+                "max_seconds": self.limits.max_seconds,
                 "catalog": self.catalog is not None,
                 "model_id": self.separator.model_id,
                 "device": str(self.separator.device),
@@ -198,7 +205,7 @@ class _Api:
         if "x-filename" not in request.headers:  # also what keeps other sites' forms out
             raise ApiError(400, "send the file's name in the X-Filename header (URL-encoded)")
         name = display_name(unquote(request.headers["x-filename"]))
-        limit = self.settings.max_upload_bytes
+        limit = self.limits.max_upload_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             raise ApiError(413, too_large(name, limit))
@@ -218,7 +225,7 @@ class _Api:
 
     async def _receive(self, request: Request, upload: Path, name: str) -> AudioInfo:
         """Stream the body to ``upload`` (never more than the limit), then check it decodes."""
-        limit, size = self.settings.max_upload_bytes, 0
+        limit, size = self.limits.max_upload_bytes, 0
         with upload.open("wb") as file:
             async for chunk in request.stream():
                 size += len(chunk)
@@ -231,11 +238,11 @@ class _Api:
             info = await _in_thread(probe_audio, upload, name)
         except AudioError as error:
             raise ApiError(415, str(error)) from None
-        if info.duration_s > self.settings.max_seconds:
+        if info.duration_s > self.limits.max_seconds:
             raise ApiError(
                 422,
                 f"{name}: {_minutes(info.duration_s)} of audio is longer than this server's "
-                f"limit of {_minutes(self.settings.max_seconds)}",
+                f"limit of {_minutes(self.limits.max_seconds)}",
             )
         return info
 

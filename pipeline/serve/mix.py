@@ -1,9 +1,9 @@
-"""The remix a person hears on the page, rendered to a file: the stems, each times its gain."""
+"""The remix a person hears on the page, rendered to a file: the stems, each times its gain
+(parsed by :func:`pipeline.stems.parse_gains`, the rule the CLI's ``--remix`` follows too)."""
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -11,27 +11,6 @@ import numpy as np
 
 from model import STEMS
 from pipeline.audio import AudioError, AudioWriter, open_audio
-
-MAX_GAIN = 4.0  # +12 dB; the page's sliders stop at 2 (+6 dB)
-
-
-def parse_gains(values: Mapping[str, str]) -> dict[str, float]:
-    """Per-stem gains from query parameters (a missing stem keeps gain 1).
-
-    Raises ``ValueError`` naming the bad value: not a number, not finite, negative or above
-    :data:`MAX_GAIN`.
-    """
-    gains = {}
-    for stem in STEMS:
-        text = values.get(stem, "1")
-        try:
-            gain = float(text)
-        except ValueError:
-            raise ValueError(f"{stem}={text!r} is not a number") from None
-        if not math.isfinite(gain) or not 0.0 <= gain <= MAX_GAIN:
-            raise ValueError(f"{stem}={text!r}: a gain must be between 0 and {MAX_GAIN:g}")
-        gains[stem] = gain
-    return gains
 
 
 def render_mix(

@@ -184,13 +184,3 @@ class CropSampler:
         for s in stages:
             s[silent_any] = 0.0
         return stages
-
-
-def validation_set(tracks: list[StageTrack], limit: int, silence_peak: float) -> list[Batch]:
-    """Whole held-out tracks in mono: per stage the mix (1, 1, T), stems (1, 4, 1, T), mask (1, 4, 1)."""
-    examples = []
-    for track in tracks[:limit]:
-        stems = [torch.from_numpy(np.asarray(a).mean(1, keepdims=True)[None]) for a in track.stages]
-        masks = [(s.abs().amax(-1) >= silence_peak).float() for s in stems]
-        examples.append(([s.sum(1) for s in stems], stems, masks))
-    return examples

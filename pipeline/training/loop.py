@@ -22,8 +22,9 @@ from tqdm import tqdm
 
 from model import STEMS, MultiTasNet, load_checkpoint, save_checkpoint
 from model.loss import stem_si_snr
+from pipeline.separator import Separator
 from pipeline.training.config import RunConfig
-from pipeline.training.data import CropSampler, StageTrack, validation_set
+from pipeline.training.data import CropSampler, StageTrack
 from pipeline.training.optim import Ranger, sgdr_learning_rate
 
 log = logging.getLogger(__name__)
@@ -105,36 +106,40 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, Any]:
-        """SI-SNR per stem per stage on whole held-out tracks (mono); objective = last stage mean."""
-        self.model.eval()
-        totals = None
-        examples = validation_set(
-            self.job.valid_tracks, self.config.valid_tracks, self.config.silence_peak
-        )
-        for mixes, stems, masks in examples:
-            seconds = mixes[0].shape[-1] / self.model.config.sampling_rate
-            outputs = self.model.inference(
-                [m.to(self.device) for m in mixes], n_chunks=max(1, math.ceil(seconds / 30))
-            )
-            row = np.stack(
-                [
-                    stem_si_snr(o.cpu(), s, m).numpy()
-                    for o, s, m in zip(outputs, stems, masks, strict=True)
-                ]
-            )
-            totals = row if totals is None else totals + row
-        self.model.train()
-        if totals is None:
+        """SI-SNR per stem of whole held-out stereo tracks separated as users get them, by the
+        engine (:class:`pipeline.separator.Separator` with its default windows); objective = the
+        mean over stems, which picks ``best.safetensors``.
+
+        The release's chunked inference, which validation used before, agrees with a single pass
+        at only 12 dB on the shipped model, the engine's windows at 28.8 dB: a checkpoint chosen
+        on it was chosen on a path that no user runs.
+        """
+        tracks = self.job.valid_tracks[: self.config.valid_tracks]
+        if not tracks:
             return {}
-        mean = totals / len(examples)
+        self.model.eval()
+        try:
+            separator = Separator(self.model, device=self.device)
+            rate = self.model.config.stage_rates()[-1]
+            scores = np.mean([self._track_scores(separator, t, rate) for t in tracks], axis=0)
+        finally:
+            self.model.train()
         return {
-            "si_snr": {
-                f"stage{i}": dict(zip(STEMS, map(float, r), strict=True))
-                for i, r in enumerate(mean)
-            },
-            "objective": float(mean[-1].mean()),
-            "tracks": len(examples),
+            "si_snr": dict(zip(STEMS, map(float, scores), strict=True)),
+            "objective": float(scores.mean()),
+            "tracks": len(tracks),
+            "inference": "engine",
         }
+
+    def _track_scores(self, separator: Separator, track: StageTrack, rate: int) -> np.ndarray:
+        """SI-SNR (4,) of one track: its stereo mix at the last stage's rate through the
+        engine, each channel an example; a stem silent in a channel is left out of its mean."""
+        stems = np.asarray(track.stages[-1], dtype=np.float32)  # (4, channels, samples)
+        estimates = separator.separate(stems.sum(0), rate)
+        estimate = torch.from_numpy(np.stack([estimates[s] for s in STEMS], 1))[:, :, None]
+        target = torch.from_numpy(stems.transpose(1, 0, 2).copy())[:, :, None]
+        mask = (target.abs().amax(-1) >= self.config.silence_peak).float()
+        return stem_si_snr(estimate, target, mask).numpy()
 
     def save(self, metrics: dict[str, Any], sampler_states: list[dict[str, Any]]) -> None:
         """Write last (and best, when the objective improved) weights, then the resume state."""
