@@ -324,8 +324,9 @@ def run_throughput(model: MultiTasNet, options: BenchOptions, tracks: int) -> di
 
 def _reference_job(checkpoint: Path, work: Path, options: BenchOptions) -> dict[str, Any]:
     """In a fresh process: the release's chunked inference of each channel in turn (timed), then
-    the single-pass output (not timed); both last stages are saved for the agreement."""
-    keep_freed_memory()
+    the single-pass output (not timed); both last stages are saved for the agreement. The
+    allocator is left as the release's users have it (no ``keep_freed_memory``): the reference
+    is the authors' code as it runs for them."""
     _set_threads(options)
     device = torch.device(options.device)
     model = load_checkpoint(checkpoint).to(device)
