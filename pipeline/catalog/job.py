@@ -234,10 +234,8 @@ class SeparateWorker:
                 order.append(index)
                 destinations.append(None if local else fs)
             separated = self.separator.separate_files(jobs, format=config.stem_format)
-        for index, result in zip(order, separated, strict=True):
+        for index, result, fs in zip(order, separated, destinations, strict=True):
             results[index] = result
-        for index, fs in zip(order, destinations, strict=True):
-            result = results[index]
             if fs is None or not isinstance(result, SeparatedFile):
                 continue
             try:
