@@ -12,6 +12,11 @@ changing what is computed (outputs equal ``MultiTasNet.separate`` up to float ro
   four expanded copies;
 - the decoder's three transposed convolutions are one matrix product and one overlap-add.
 
+On CUDA the TCN blocks can instead run through :func:`fused_block_step`, the same block written
+as a pure function and compiled by torch.compile (``FrozenTasNet(..., fused=True)``): inductor
+fuses the PReLUs, GroupNorm statistics, depthwise taps and casts between the matrix products into
+a few Triton kernels. On a CPU the hand-written blocks above are faster and stay the default.
+
 The frozen network holds its own copies of the weights (buffers, not parameters) and is rebuilt
 from a model with :meth:`FrozenTasNet.from_model`; it has no ``state_dict`` of its own to save.
 """
@@ -19,6 +24,9 @@ from a model with :meth:`FrozenTasNet.from_model`; it has no ``state_dict`` of i
 from __future__ import annotations
 
 import math
+import sys
+import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +44,20 @@ _MOMENT_WIDTH = 2**13
 class FrozenTasNet(nn.Module):
     """Constant-weight Meta-TasNet for inference; same inputs and outputs as ``separate``."""
 
-    def __init__(self, model: MultiTasNet, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, model: MultiTasNet, dtype: torch.dtype = torch.float32, fused: bool = False
+    ) -> None:
         super().__init__()
         self.config, self.dtype = model.config, dtype
         with torch.no_grad():
             self.stages = nn.ModuleList(_FrozenStage(stage, dtype) for stage in model.stages)
+        self.fuse(fused)
+
+    def fuse(self, fused: bool) -> None:
+        """Run the TCN blocks through the compiled :func:`fused_block_step` (or not)."""
+        self.fused = fused
+        for stage in self.stages:
+            stage.mask.fused = fused
 
     @torch.inference_mode()
     def separate(self, mixes: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -56,6 +73,23 @@ class FrozenTasNet(nn.Module):
         return self.separate(mixes)
 
     def _run(self, mixes: list[torch.Tensor], decode_all: bool) -> list[torch.Tensor]:
+        try:
+            return self._stages(mixes, decode_all)
+        except RuntimeError as error:
+            if not (self.fused and _is_compile_error(error)):
+                raise
+            # A machine where the compiler cannot run (no C compiler, a Triton that does not
+            # support the GPU) still separates: with the unfused kernels, which give the same
+            # stems up to rounding.
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            warnings.warn(
+                f"compiling the fused TCN blocks failed, running unfused: {first_line}",
+                stacklevel=3,
+            )
+            self.fuse(False)
+            return self._stages(mixes, decode_all)
+
+    def _stages(self, mixes: list[torch.Tensor], decode_all: bool) -> list[torch.Tensor]:
         if len(mixes) != len(self.stages):
             raise ValueError(f"expected {len(self.stages)} mixes, one per stage")
         outputs, previous = [], None
@@ -140,6 +174,7 @@ class _FrozenMask(nn.Module):
         self.norm_3 = _Norm(mask.norm_3, instrument)
         self.mask_output = _Conv(mask.mask_output, instrument, dtype)
         self.norm_4 = _Norm(mask.norm_4, instrument)
+        self.fused = False  # TCN blocks through `fused_block_step` (set by FrozenTasNet)
 
     def forward(self, latent: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
         batch, frames = latent.shape[0], latent.shape[-1]
@@ -169,8 +204,13 @@ class _FrozenMask(nn.Module):
         # pages for each block's tensors cost more than the arithmetic on some machines.
         hidden_size = (batch * INSTRUMENTS, self.blocks[0].hidden_channels, frames)
         workspace = (x.new_empty(hidden_size), x.new_empty(hidden_size)) if self.blocks else ()
-        for block in self.blocks:
-            carry, skip_carry = block(x, skip, carry, skip_carry, batch, workspace)
+        if self.fused:
+            step = fused_block_step()
+            for block in self.blocks:
+                x, skip, carry, skip_carry = step(x, skip, carry, skip_carry, *block.constants())
+        else:
+            for block in self.blocks:
+                carry, skip_carry = block(x, skip, carry, skip_carry, batch, workspace)
 
         skip = F.leaky_relu_(skip.add_(skip_carry), slope_3)
         scale, shift = self.norm_3.affine(skip, batch)
@@ -197,6 +237,33 @@ class _FrozenBlock(nn.Module):
         self.skip_out = _Conv(block.skip_out, instrument, dtype)
         self.slope_1, self.slope_2 = _slope(block.prelu_1), _slope(block.prelu_2)
         self.hidden_channels = self.conv.kernel.shape[1]
+        self._constants: tuple | None = None
+
+    def constants(self) -> tuple:
+        """This block's arguments of :func:`fused_block_step` after the four activations: the
+        kernels in the network's dtype, the normalisations' affines, biases and slopes in
+        float32, and the depthwise dilation, padding, groups and epsilon."""
+        if self._constants is None or self._constants[0].device != self.conv.kernel.device:
+            slopes = torch.tensor([self.slope_1, self.slope_2], device=self.conv.kernel.device)
+            self._constants = (
+                self.conv.kernel[..., 0],
+                self.norm_1.scale,
+                self.norm_1.shift,
+                self.depthwise.kernel[:, :, 0, :].float(),
+                self.depthwise.bias,
+                self.norm_2.scale,
+                self.norm_2.shift,
+                self.res_out.kernel[..., 0],
+                self.res_out.bias,
+                self.skip_out.kernel[..., 0],
+                self.skip_out.bias,
+                slopes,
+                self.depthwise.dilation,
+                self.depthwise.padding,
+                self.norm_1.groups,
+                self.norm_1.eps,
+            )
+        return self._constants
 
     def forward(
         self,
@@ -511,3 +578,96 @@ def frames_multiple(model: MultiTasNet) -> int:
         if hop % 2**index == 0:
             multiple = math.lcm(multiple, hop // 2**index)
     return multiple
+
+
+def _block_step(
+    x: torch.Tensor,
+    skip: torch.Tensor,
+    carry: torch.Tensor,
+    skip_carry: torch.Tensor,
+    conv: torch.Tensor,
+    norm_1_scale: torch.Tensor,
+    norm_1_shift: torch.Tensor,
+    depthwise: torch.Tensor,
+    depthwise_bias: torch.Tensor,
+    norm_2_scale: torch.Tensor,
+    norm_2_shift: torch.Tensor,
+    residual: torch.Tensor,
+    residual_bias: torch.Tensor,
+    skip_weight: torch.Tensor,
+    skip_bias: torch.Tensor,
+    slopes: torch.Tensor,
+    dilation: int,
+    padding: int,
+    groups: int,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One TCN block as :class:`_FrozenBlock` computes it, written as a pure function for a
+    compiler: returns new ``(x, skip, carry, skip_carry)`` instead of updating them.
+
+    Everything between the three matrix products (PReLU, both GroupNorms' statistics and affines,
+    the dilated depthwise taps over the zero-padded normalised signal, the casts) is element-wise
+    or a per-group reduction, which a compiler fuses into a few passes over the activations; the
+    matrix products stay in the network's dtype. Statistics are float32 (Welford) here."""
+    rows, channels, frames = x.shape
+    batch, dtype = rows // INSTRUMENTS, x.dtype
+    per_item = (batch, INSTRUMENTS)
+    hidden = torch.matmul(conv, x.view(*per_item, channels, frames))
+    hidden = hidden.float() + torch.matmul(conv, carry.view(*per_item, channels, 1)).float()
+    hidden = torch.where(hidden >= 0, hidden, hidden * slopes[0])
+    scale, shift = _group_affine(hidden, norm_1_scale, norm_1_shift, groups, eps)
+    normalised = F.pad(hidden * scale + shift, (padding, padding))
+    taps = depthwise.shape[-1]
+    out = depthwise_bias.unsqueeze(-1) + sum(
+        depthwise[..., tap : tap + 1] * normalised[..., tap * dilation : tap * dilation + frames]
+        for tap in range(taps)
+    )
+    out = torch.where(out >= 0, out, out * slopes[1])
+    scale, shift = _group_affine(out, norm_2_scale, norm_2_shift, groups, eps)
+    out = out.to(dtype).view(rows, -1, frames)
+    results = []
+    for weight, bias, stream, stream_carry in (
+        (residual, residual_bias, x, carry),
+        (skip_weight, skip_bias, skip, skip_carry),
+    ):
+        # conv(out * scale + shift): the scale goes into the kernel, the shift into the carry.
+        folded = (weight.float() * scale.transpose(-1, -2)).to(dtype).view(rows, -1, out.shape[1])
+        constant = torch.matmul(weight.float(), shift) + bias.unsqueeze(-1)
+        results.append(torch.baddbmm(stream, folded, out))
+        results.append(stream_carry + constant.view(stream_carry.shape).to(stream_carry.dtype))
+    x, carry, skip, skip_carry = results
+    return x, skip, carry, skip_carry
+
+
+def _group_affine(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, groups: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (B, 4, C, 1) scale and shift that apply a GroupNorm of x (B, 4, C, T) with
+    affine ``scale``/``shift`` (4, C)."""
+    batch, instruments, channels, frames = x.shape
+    grouped = x.view(batch, instruments, groups, channels // groups, frames)
+    variance, mean = torch.var_mean(grouped, dim=(-2, -1), correction=0, keepdim=True)
+    per_channel = scale.view(instruments, groups, -1, 1) * torch.rsqrt(variance + eps)
+    offset = shift.view(instruments, groups, -1, 1) - mean * per_channel
+    return (
+        per_channel.reshape(batch, instruments, channels, 1),
+        offset.reshape(batch, instruments, channels, 1),
+    )
+
+
+_COMPILED_BLOCK_STEP = None
+
+
+def _is_compile_error(error: BaseException) -> bool:
+    """Whether ``error`` came from torch.compile (dynamo or inductor), not from the arithmetic."""
+    dynamo = sys.modules.get("torch._dynamo.exc")
+    return dynamo is not None and isinstance(error, dynamo.TorchDynamoException)
+
+
+def fused_block_step() -> Callable[..., tuple[torch.Tensor, ...]]:
+    """:func:`_block_step` compiled by ``torch.compile`` (inductor: Triton kernels on CUDA), once
+    per process and for all shapes (``dynamic``: every block, stage and batch size shares it)."""
+    global _COMPILED_BLOCK_STEP
+    if _COMPILED_BLOCK_STEP is None:
+        _COMPILED_BLOCK_STEP = torch.compile(_block_step, dynamic=True)
+    return _COMPILED_BLOCK_STEP

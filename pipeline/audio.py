@@ -180,7 +180,12 @@ class AudioWriter:
         """Append a (channels, frames) block: int16 as it is, anything else as float32."""
         self._file.write(_encodable(block, self._clip).T)
 
+    def close(self) -> None:
+        """Finish encoding (the data is complete under the temporary name; see commit)."""
+        self._file.close()
+
     def commit(self) -> Path:
+        """Close and rename the file into place."""
         self._file.close()
         os.replace(self._partial, self.path)
         return self.path

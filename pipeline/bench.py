@@ -41,7 +41,7 @@ import platform
 import resource
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,7 @@ class BenchOptions:
     batch_size: int | None = DEFAULT_BATCH  # None: picked from the device's memory (CUDA)
     engine_only: bool = False  # skip the reference and the agreement (memory scaling runs)
     threads: int | None = None  # torch CPU threads of both timed processes (None: torch's)
+    kernels: str = "auto"  # the TCN blocks: fused (compiled), eager, or auto (fused on CUDA)
 
 
 def bench_audio(seconds: float, rate: int = BENCH_RATE, seed: int = 0) -> np.ndarray:
@@ -181,6 +182,7 @@ def _describe(options: BenchOptions) -> dict[str, Any]:
         "segment": options.segment,
         "context": options.context,
         "batch_size": options.batch_size,
+        "kernels": options.kernels,
         "threads": options.threads or torch.get_num_threads(),
         "cpu": _cpu_name(),
         "torch": torch.__version__,
@@ -207,6 +209,7 @@ def _separator(checkpoint: Path, options: BenchOptions) -> Separator:
         segment=options.segment,
         context=options.context,
         batch_size=options.batch_size,
+        kernels=options.kernels,
     )
 
 
@@ -222,7 +225,9 @@ def _engine_job(
     # Untimed warm-up on one window of audio, as a catalog worker has run its first track:
     # one-time costs (kernel selection, first touch of allocator pages) are not per-track costs.
     window = options.segment + 2 * options.context
+    warm_up = time.perf_counter()
     separator.separate(bench_audio(min(window, options.seconds)), BENCH_RATE)
+    warm_up = time.perf_counter() - warm_up  # with fused kernels: their compilation
     _reset_device_peak(separator.device)
     started = time.perf_counter()
     separator.separate_file(source, destination)
@@ -231,6 +236,9 @@ def _engine_job(
         "engine_seconds": seconds,
         "peak_rss_mb": _peak_rss_mb(),
         "model_rss_mb": loaded,
+        "engine_batch_size": separator.batch_size,
+        "warm_up_seconds": warm_up,
+        "engine_kernels": "fused" if separator.network.fused else "eager",
         **_device_peak(separator.device, "engine"),
     }
     if options.engine_only:
@@ -288,10 +296,13 @@ def run_throughput(model: MultiTasNet, options: BenchOptions, tracks: int) -> di
     results: dict[str, Any] = {**_describe(options), "tracks": tracks}
     with tempfile.TemporaryDirectory(prefix="metasep-bench-") as folder:
         work = Path(folder)
-        sources = []
-        for k in range(tracks):
-            sources.append(work / f"track{k}.flac")
-            write_audio(sources[-1], bench_audio(options.seconds, seed=k), BENCH_RATE)
+        sources = [work / f"track{k}.flac" for k in range(tracks)]
+
+        def make_track(k: int) -> None:
+            write_audio(sources[k], bench_audio(options.seconds, seed=k), BENCH_RATE)
+
+        with ThreadPoolExecutor() as pool:  # the encoder releases the GIL
+            list(pool.map(make_track, range(tracks)))
         separator = _separator(save_checkpoint(model, work / "model"), options)
         per_call = GPU_TRACKS_PER_CALL if separator.device.type == "cuda" else 1
         separator.separate(bench_audio(min(options.seconds, 4.0)), BENCH_RATE)  # warm-up

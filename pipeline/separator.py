@@ -16,15 +16,18 @@ What :meth:`Separator.separate` does with a (channels, samples) array at any rat
 One engine for every device. Everything between decoded PCM and finished stems is torch tensors
 on the separator's device: decoded blocks go up once, resampling, normalisation, windows, the
 network, least squares and the stems stay there, and stems come down once (on CUDA through pinned
-buffers, asynchronously, with no per-window synchronisation). The device decides only the
-resampling op: soxr on the CPU (faster there), a windowed-sinc resampler in torch elsewhere
-(:class:`pipeline.audio.TorchResampler`); ``resampler=`` forces one, so the device path is tested
-on CPU tensors too.
+buffers, asynchronously, with no per-window synchronisation). The device decides two ops: the
+resampler, soxr on the CPU (faster there) and a windowed-sinc resampler in torch elsewhere
+(:class:`pipeline.audio.TorchResampler`), and the TCN blocks' kernels, hand-written on the CPU and
+compiled by torch.compile on CUDA (:func:`model.frozen.fused_block_step`). ``resampler=`` and
+``kernels=`` force either, so the device path is tested on CPU tensors too.
 
 Everything streams: the source is read block by block (twice: once for the normalisation
 statistics, once for the windows), stage signals are kept only while a window needs them, and the
 output is produced in time order. :meth:`Separator.separate_file` writes the stems straight to
-files, so a long recording never has to fit in memory; :meth:`Separator.separate` returns arrays
+files (decoding reads ahead in a thread; each output file is encoded in a thread pool as soon as
+its track is out of the network), so a long recording never has to fit in memory;
+:meth:`Separator.separate` returns arrays
 (the input and four stems of its size are then in memory, nothing else of track size);
 :meth:`Separator.separate_many` runs several tracks through shared forward passes (a catalog
 worker's batch of tracks fills the device even when each track is short).
@@ -39,15 +42,16 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import platform
 import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, NamedTuple, Protocol
+from typing import Any, BinaryIO, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -70,6 +74,7 @@ ENGINE_VERSION = 3
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PRECISION_CHOICES = ("auto", *PRECISIONS)  # auto: bfloat16 on a GPU that has it, else float32
 RESAMPLERS = ("auto", "soxr", "torch")
+KERNELS = ("auto", "fused", "eager")
 SILENCE = 1e-5  # floor of the normalising standard deviation (about -100 dBFS)
 # Window defaults, from `metasep bench` (README): the mask network's GroupNorms take their
 # statistics over the whole window, so agreement with the single pass grows with the window's
@@ -269,7 +274,9 @@ class Separator:
     seconds; ``batch_size`` counts windows of
     one channel each per forward pass (``None``: 2 on a CPU; on a GPU as many as half its free
     memory holds, at most ``MAX_AUTO_BATCH``). ``resampler`` picks the resampling op: ``"auto"``
-    (soxr on a CPU, torch elsewhere), ``"soxr"`` or ``"torch"``.
+    (soxr on a CPU, torch elsewhere), ``"soxr"`` or ``"torch"``. ``kernels`` picks how the TCN
+    blocks run: ``"fused"`` (compiled once per process by torch.compile: Triton kernels on a GPU),
+    ``"eager"`` (the hand-written kernels, the fast ones on a CPU) or ``"auto"`` (fused on CUDA).
     """
 
     def __init__(
@@ -281,6 +288,7 @@ class Separator:
         context: float = DEFAULT_CONTEXT,
         batch_size: int | None = DEFAULT_BATCH,
         resampler: str = "auto",
+        kernels: str = "auto",
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -291,6 +299,8 @@ class Separator:
             raise ValueError("batch_size must be >= 1")
         if resampler not in RESAMPLERS:
             raise ValueError(f"unknown resampler {resampler!r} (use {', '.join(RESAMPLERS)})")
+        if kernels not in KERNELS:
+            raise ValueError(f"unknown kernels {kernels!r} (use {', '.join(KERNELS)})")
         if not isinstance(checkpoint, MultiTasNet):
             from pipeline.weights import resolve_weights  # a name: shipped, cached or fetched
 
@@ -299,7 +309,11 @@ class Separator:
         self.config = model.config
         self.model_id, self.options_hash = identify(model, precision, segment, context)
         self.segment, self.context = _window_frames(model, segment, context)
-        self.network = FrozenTasNet(model, dtype).to(self.device).eval()
+        if kernels == "auto":
+            kernels = "fused" if self.device.type == "cuda" else "eager"
+        self.kernels = kernels
+        fused = kernels == "fused"
+        self.network = FrozenTasNet(model, dtype, fused).to(self.device).eval()
         self.precision = precision
         self.batch_size = batch_size or (DEFAULT_BATCH if self.device.type == "cpu" else None)
         self.resampler = resampler
@@ -417,7 +431,11 @@ class Separator:
         callback: WindowCallback | None,
         strict: bool,
     ) -> list[SeparatedFile | Exception]:
-        """Stems of each source spooled in its folder, then encoded there (see separate_files)."""
+        """Stems of each source spooled in its folder, then encoded there (see separate_files).
+
+        A track is encoded as soon as its last window is out of the network, in a thread pool
+        (one task per output file; libsndfile releases the GIL), while the device goes on with
+        the other tracks' windows."""
         with contextlib.ExitStack() as stack:
             sinks: list[_Sink | None] = []
             for source, folder, keep in zip(sources, folders, keeps, strict=True):
@@ -427,20 +445,25 @@ class Separator:
                 stack.enter_context(_folder(folder))
                 spool = stack.enter_context(tempfile.TemporaryFile(dir=folder))
                 sinks.append(_SpoolSink(spool, source.channels, self.device, keep))
-            spooled = self._run(sources, progress, callback, strict, sinks)
+            encoders = stack.enter_context(ThreadPoolExecutor(_encode_threads(len(weights))))
+
+            def encode(index: int, sink: _SpoolSink) -> _PendingFiles:
+                source, folder = sources[index], folders[index]
+                return self._encode(sink, folder, weights, format, source.rate, encoders)
+
+            pending = self._run(sources, progress, callback, strict, sinks, encode)
             results: list[SeparatedFile | Exception] = []
-            for source, folder, sink in zip(sources, folders, spooled, strict=True):
-                if isinstance(sink, Exception):
-                    results.append(sink)
-                    continue
+            for source, outcome in zip(sources, pending, strict=True):
                 try:
-                    paths = self._encode(sink, folder, weights, format, source.rate)
+                    if isinstance(outcome, Exception):
+                        raise outcome
+                    paths = outcome.result()
                 except Exception as error:
                     if strict:
                         raise
                     results.append(error)
                     continue
-                frames = sink.keep[1] - sink.keep[0]
+                frames = outcome.sink.keep[1] - outcome.sink.keep[0]
                 results.append(SeparatedFile(paths, source.rate, source.channels, frames))
         for result, folder in zip(results, folders, strict=True):
             if isinstance(result, Exception) and folder.is_dir() and not any(folder.iterdir()):
@@ -497,34 +520,52 @@ class Separator:
         callback: WindowCallback | None,
         strict: bool,
         sinks: Sequence[_Sink] | None = None,
+        then: Callable[[int, Any], Any] | None = None,
     ) -> list:
         """Separate ``sources`` through shared forward passes; each result is its sink's output
-        (stems for arrays) or, unless ``strict``, the exception that stopped that source."""
-        tracks: list[_Track | Exception] = []
-        for index, source in enumerate(sources):
+        (stems for arrays) or, unless ``strict``, the exception that stopped that source. A
+        track is finished as soon as its last window is out, and ``then(index, output)`` (when
+        given) is called with its sink's output right away: its result takes the output's place.
+        """
+
+        def start(index: int) -> _Track | Exception:
+            source = sources[index]
             if isinstance(source, Exception):
-                tracks.append(source)
-                continue
+                return source
             sink = sinks[index] if sinks is not None else _ArraySink(source, self.device)
             try:
-                tracks.append(_Track(self, source, sink))
+                return _Track(self, source, sink)
             except Exception as error:
                 if strict:
                     raise
-                tracks.append(error)
+                return error
+
+        # Each track's first pass (decoding and the statistics) runs in its own thread: decoding
+        # and the resamplers release the GIL. With a phase clock (not thread-safe) one by one.
+        threads = min(len(sources), os.cpu_count() or 1) if self.clock is None else 1
+        with ThreadPoolExecutor(threads) as pool:
+            tracks: list[_Track | Exception] = list(pool.map(start, range(len(sources))))
+        results: list = [track if isinstance(track, Exception) else None for track in tracks]
+
+        def finish(index: int, track: _Track) -> None:
+            try:
+                output = track.finish()
+                results[index] = then(index, output) if then is not None else output
+            except Exception as error:
+                if strict:
+                    raise
+                results[index] = error
+
         running = [track for track in tracks if isinstance(track, _Track)]
+        for index, track in enumerate(tracks):
+            if isinstance(track, _Track):
+                track.on_done = functools.partial(finish, index, track)
         self._schedule(running, progress, callback, strict)
-        results = []
-        for track in tracks:
-            if isinstance(track, _Track) and track.error is None:
-                try:
-                    results.append(track.finish())
-                except Exception as error:
-                    if strict:
-                        raise
-                    results.append(error)
-            else:
-                results.append(track if isinstance(track, Exception) else track.error)
+        for index, track in enumerate(tracks):
+            if isinstance(track, _Track) and results[index] is None:
+                results[index] = track.error or RuntimeError(
+                    f"internal error: {track.source.name} was not finished"
+                )
         return results
 
     def _schedule(
@@ -595,9 +636,14 @@ class Separator:
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        inputs = [x.unsqueeze(0).unsqueeze(1) for x in item.inputs]
+        # Two copies of the window: a batch of one would make the compiled kernels specialise on
+        # that size and compile again for the real batches.
+        inputs = [torch.stack([x, x]).unsqueeze(1) for x in item.inputs]
         self.network.separate_last(inputs)
-        per_window = max(1, torch.cuda.max_memory_allocated(self.device) - before)
+        per_window = max(1, (torch.cuda.max_memory_allocated(self.device) - before) // 2)
+        # Memory grows with the window's length: a short first track (a single short window)
+        # must not size the batches of the full windows that follow.
+        per_window *= max(1.0, (self.segment + 2 * self.context) / item.size)
         free, _ = torch.cuda.mem_get_info(self.device)
         return max(1, min(MAX_AUTO_BATCH, int(0.5 * free // per_window)))
 
@@ -654,6 +700,8 @@ class Separator:
             yield from source.on(self.device).split(_READ_BLOCK, dim=1)
             return
         blocks = source.blocks(_READ_BLOCK)
+        if self.clock is None:  # with a phase clock, decoding is timed where it happens
+            blocks = _read_ahead(blocks)
         while True:
             with self._phase("decode"):
                 block = next(blocks, None)
@@ -688,26 +736,101 @@ class Separator:
         weights: dict[str, np.ndarray],
         format: str,
         rate: int,
-    ) -> dict[str, Path]:
-        """Mix the spooled stems into the output files (scaled by the least-squares weights)."""
-        spool, channels = sink.spool, sink.channels
-        matrix = np.stack(list(weights.values()), axis=1)  # (4, outputs)
-        mixing = _block_diagonal(sink.coefficients[:, :, None] * matrix[None])
+        pool: ThreadPoolExecutor,
+    ) -> _PendingFiles:
+        """Start mixing the spooled stems into the output files (scaled by the least-squares
+        coefficients), one pool task per file. With a phase clock (the bench) the files are
+        also waited for here, so that the encode phase is timed on its own."""
         paths = {name: destination / f"{name}.{format}" for name in weights}
-        with self._phase("encode"), contextlib.ExitStack() as stack:
-            writers = [
-                stack.enter_context(AudioWriter(p, rate, channels, format)) for p in paths.values()
-            ]
-            # The encoders run in threads (libsndfile releases the GIL): FLAC encoding of four
-            # stems was a sixth of a small model's time on one core.
-            encoders = stack.enter_context(ThreadPoolExecutor(len(writers)))
-            spool.seek(0)
-            while chunk := spool.read(_WRITE_BLOCK * channels * len(STEMS) * _FLOAT32):
-                block = np.frombuffer(chunk, dtype=np.float32).reshape(-1, channels * 4)
-                mixed = (block @ mixing).reshape(len(block), channels, len(paths))
-                parts = [np.ascontiguousarray(out).T for out in mixed.transpose(2, 0, 1)]
-                list(encoders.map(AudioWriter.write, writers, parts))
-        return paths
+        gains = {
+            name: (sink.coefficients * weight[None]).astype(np.float32)  # (channels, 4)
+            for name, weight in weights.items()
+        }
+        tasks = [
+            functools.partial(_write_mix, sink, gains[name], path, format, rate)
+            for name, path in paths.items()
+        ]
+        if self.clock is None:
+            return _PendingFiles(sink, paths, [pool.submit(task) for task in tasks])
+        with self._phase("encode"):
+            pending = _PendingFiles(sink, paths, [pool.submit(task) for task in tasks])
+            pending.result()
+        return pending
+
+
+@dataclass
+class _PendingFiles:
+    """Output files being written from one track's spool, each under a temporary name."""
+
+    sink: _SpoolSink
+    paths: dict[str, Path]
+    writes: list[Future]
+
+    def result(self) -> dict[str, Path]:
+        """The paths, once every file is written and renamed into place; if any failed, none
+        is left behind (a track's outputs appear all together or not at all)."""
+        writers, failure = [], None
+        for write in self.writes:
+            try:
+                writers.append(write.result())
+            except Exception as error:
+                failure = failure or error
+        committed: list[Path] = []
+        try:
+            if failure is not None:
+                raise failure
+            for writer in writers:
+                committed.append(writer.commit())
+        except Exception:
+            for writer in writers:
+                writer.discard()
+            for path in committed:
+                path.unlink(missing_ok=True)
+            raise
+        return self.paths
+
+
+def _write_mix(
+    sink: _SpoolSink, gains: np.ndarray, path: Path, format: str, rate: int
+) -> AudioWriter:
+    """One output file, complete under its temporary name, from a track's spool of interleaved
+    (frames, channels, 4) float32 stems: each channel the stems weighted by ``gains``
+    (channels, 4). Reads the spool by position (``os.pread``), so that several files of a track
+    are written at once without sharing a file offset."""
+    descriptor, channels = sink.spool.fileno(), sink.channels
+    frame_bytes = channels * len(STEMS) * _FLOAT32
+    writer = AudioWriter(path, rate, channels, format)
+    try:
+        offset = 0
+        while chunk := os.pread(descriptor, _WRITE_BLOCK * frame_bytes, offset):
+            offset += len(chunk)
+            block = np.frombuffer(chunk, dtype=np.float32).reshape(-1, channels, len(STEMS))
+            mixed = block[..., 0] * gains[:, 0]
+            for stem in range(1, len(STEMS)):
+                if gains[:, stem].any():
+                    mixed += block[..., stem] * gains[:, stem]
+            writer.write(mixed.T)
+        writer.close()
+    except BaseException:
+        writer.discard()
+        raise
+    return writer
+
+
+def _read_ahead(blocks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    """``blocks``, each read in a background thread while the caller works on the one before
+    (decoding overlaps the device's work). One read is in flight at a time, and it is waited
+    for when the iteration stops early, so the source is never read after it is closed."""
+    with ThreadPoolExecutor(1) as reader:  # leaving it waits for a read in flight
+        pending = reader.submit(next, blocks, None)
+        while (block := pending.result()) is not None:
+            pending = reader.submit(next, blocks, None)
+            yield block
+
+
+def _encode_threads(outputs: int) -> int:
+    """Threads of the encoding pool: every core, and at least one per output file."""
+    return max(outputs, os.cpu_count() or 1)
 
 
 class _Item:
@@ -746,6 +869,7 @@ class _Track:
         self.item_count = len(self.plan) * self.channels
         self.error: Exception | None = None
         self.on_window: Callable[[torch.Tensor], None] | None = None
+        self.on_done: Callable[[], None] | None = None  # called once the last window is out
         self._mixture = _MixtureBuffer()
         self._feed = _StageFeed(engine, source, self.statistics, self._mixture)
         stems = self.channels * len(STEMS)
@@ -789,6 +913,9 @@ class _Track:
         ):
             self._window_done(torch.stack(self._pending.pop(self._ready)))
             self._ready += 1
+        if self._ready == len(self.plan) and self.on_done is not None:
+            done, self.on_done = self.on_done, None
+            done()
 
     def finish(self) -> object:
         """Flush, solve the least squares and hand the coefficients to the sink."""
@@ -1028,16 +1155,6 @@ def keep_freed_memory() -> bool:
         return False
     trim_threshold, mmap_max = -1, -4  # M_TRIM_THRESHOLD, M_MMAP_MAX from <malloc.h>
     return bool(mallopt(trim_threshold, 2**31 - 1)) and bool(mallopt(mmap_max, 0))
-
-
-def _block_diagonal(mixing: np.ndarray) -> np.ndarray:
-    """(channels, 4, outputs) weights as one float32 (channels*4, channels*outputs) matrix, so
-    that interleaved (frames, channels*4) stems times it are (frames, channels*outputs) mixes."""
-    channels, stems, outputs = mixing.shape
-    matrix = np.zeros((channels, stems, channels, outputs), dtype=np.float32)
-    for channel in range(channels):
-        matrix[channel, :, channel] = mixing[channel]
-    return matrix.reshape(channels * stems, channels * outputs)
 
 
 def least_squares(gram: np.ndarray, target: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import resource
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ import torch
 from model import STEMS, MultiTasNet, TasNetConfig
 from pipeline.audio import AudioError, read_audio, write_audio
 from pipeline.bench import bench_audio, stem_agreement
-from pipeline.separator import Separator, keep_freed_memory, plan_windows
+from pipeline.separator import Separator, _read_ahead, keep_freed_memory, plan_windows
 
 SMALL = TasNetConfig(N=32, B=16, H=16, layers=4, stack=1, num_mels=16)
 
@@ -252,3 +253,53 @@ def test_files_separated_together_fail_alone(separator, tmp_path):
         assert (result.rate, result.channels, result.frames) == (rate, *expected["drums"].shape)
         for stem, path in result.paths.items():
             np.testing.assert_allclose(read_audio(path)[0], expected[stem], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_whole_gpu_configuration_on_cpu_tensors_agrees_with_the_cpu_path():
+    """What CUDA runs by default, the torch resampler and the TCN blocks compiled by
+    torch.compile (here by inductor's C++ backend), against the CPU's soxr and hand-written
+    blocks: as close as the resampler alone allows."""
+    audio = bench_audio(6.0, 44100)
+    cpu_path = Separator("default", "cpu").separate(audio, 44100)
+    gpu_config = Separator("default", "cpu", resampler="torch", kernels="fused")
+    gpu_path = gpu_config.separate(audio, 44100)
+    assert gpu_config.network.fused
+    stack = [np.stack([stems[stem] for stem in STEMS], 1) for stems in (cpu_path, gpu_path)]
+    assert min(stem_agreement(*stack).values()) > 40
+
+
+def test_a_track_whose_file_cannot_be_written_leaves_no_outputs_and_fails_alone(
+    separator, tmp_path
+):
+    """Each output file is encoded in its own thread; if one of a track's files fails, the
+    track's other files are not left behind looking complete."""
+    rate = 16000
+    jobs = []
+    for name in ("a", "b"):
+        write_audio(tmp_path / f"{name}.wav", bench_audio(2.0, rate), rate, format="wav")
+        jobs.append((tmp_path / f"{name}.wav", tmp_path / "out" / name))
+    (tmp_path / "out" / "b" / "bass.wav").mkdir(parents=True)  # a folder where a file goes
+    results = separator.separate_files(jobs, format="wav")
+    assert isinstance(results[1], OSError)
+    assert [p.name for p in (tmp_path / "out" / "b").iterdir()] == ["bass.wav"]
+    assert sorted(p.name for p in results[0].paths.values()) == sorted(f"{s}.wav" for s in STEMS)
+    assert all(path.is_file() for path in results[0].paths.values())
+
+
+def test_reading_ahead_keeps_one_block_in_flight_and_stops_when_closed():
+    reads: list[int] = []
+
+    def blocks():
+        for index in range(10):
+            time.sleep(0.01)
+            reads.append(index)
+            yield np.full(4, index, dtype=np.float32)
+
+    ahead = _read_ahead(blocks())
+    assert next(ahead)[0] == 0 and next(ahead)[0] == 1
+    ahead.close()  # waits for the read in flight
+    count = len(reads)
+    time.sleep(0.1)
+    assert count == len(reads) == 3  # blocks 0 and 1, and one read ahead
+    assert [block[0] for block in _read_ahead(blocks())] == list(range(10))

@@ -8,7 +8,7 @@ import math
 
 from pipeline.commands import UsageError
 from pipeline.commands.separate import add_window_arguments
-from pipeline.separator import PRECISION_CHOICES, resolve_precision
+from pipeline.separator import KERNELS, PRECISION_CHOICES, resolve_precision
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,6 +47,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="throughput mode: N different tracks of --seconds through the catalog's model stage "
         "in this process (no Ray): aggregate real time and, on CUDA, the GPU-busy fraction",
     )
+    parser.add_argument(
+        "--kernels",
+        choices=KERNELS,
+        default="auto",
+        help="the TCN blocks: fused (torch.compile), eager (hand-written) or auto (fused on CUDA)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of random weights")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(handler=run)
@@ -77,9 +83,22 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             engine_only=args.engine_only,
             threads=args.threads,
+            kernels=args.kernels,
         )
-        # Refuse options the engine cannot run before any process is started.
-        Separator(model, device, args.precision, args.segment, args.context, args.batch_size)
+        # Refuse options the engine cannot run before any process is started (on the CPU: the
+        # parent process keeps no copy of the network on the GPU).
+        on_cpu = torch.device(device).type == "cpu"
+        if not on_cpu and not torch.cuda.is_available():
+            raise ValueError("CUDA is not available on this machine; use --device cpu")
+        Separator(
+            model,
+            "cpu",
+            args.precision if on_cpu else "float32",
+            args.segment,
+            args.context,
+            args.batch_size,
+            kernels=args.kernels,
+        )
     except ValueError as error:
         raise UsageError(str(error).splitlines()[0]) from None
     if args.tracks:
