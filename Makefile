@@ -6,8 +6,10 @@ BIN := $(VENV)/bin
 # build. On a GPU machine: make TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"
 TORCH_SPEC ?= torch==2.13.0
 # chromium: the headless browser that the metasep serve test drives (through Playwright).
-APT_PACKAGES := ffmpeg fluidsynth fluid-soundfont-gm timgm6mb-soundfont chromium
-SYSTEM_TOOLS := ffmpeg ffprobe fluidsynth chromium
+# g++: torch.compile builds the fused TCN blocks with it on a CPU (the tests) and Triton its
+# launchers on a GPU.
+APT_PACKAGES := ffmpeg fluidsynth fluid-soundfont-gm timgm6mb-soundfont chromium g++
+SYSTEM_TOOLS := ffmpeg ffprobe fluidsynth chromium g++
 # The General MIDI SoundFonts `metasep synth` renders with (Debian packages fluid-soundfont-gm
 # and timgm6mb-soundfont).
 SOUNDFONTS := /usr/share/sounds/sf2/FluidR3_GM.sf2 /usr/share/sounds/sf2/TimGM6mb.sf2

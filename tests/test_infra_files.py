@@ -361,6 +361,7 @@ def test_dockerfile_builds_a_cuda_image_with_cuda_torch_and_the_cli():
     assert build_parser().parse_args(list(cmd.value[1:])).command == "demo"
     packages = " ".join(runs)
     apt = ("ffmpeg", "fluidsynth", "fluid-soundfont-gm", "timgm6mb-soundfont", "wget", "tini")
+    apt += ("gcc", "python3.12-dev")  # Triton's launcher build for the fused blocks
     for package in apt:
         assert f" {package}" in packages
 
