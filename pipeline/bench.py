@@ -79,6 +79,7 @@ class BenchOptions:
     engine_only: bool = False  # skip the reference and the agreement (memory scaling runs)
     threads: int | None = None  # torch CPU threads of both timed processes (None: torch's)
     kernels: str = "auto"  # the TCN blocks: fused (compiled), eager, or auto (fused on CUDA)
+    profile: str | None = None  # a folder for profiles of the engine's runs (see _profile)
 
 
 def bench_audio(seconds: float, rate: int = BENCH_RATE, seed: int = 0) -> np.ndarray:
@@ -252,7 +253,43 @@ def _engine_job(
         separator.device, lambda: separator.separate(audio, BENCH_RATE)
     )
     figures["network_seconds"] = _network_seconds(separator, audio)
+    if options.profile:
+        _profile(separator, source, destination, audio, Path(options.profile))
     return figures
+
+
+def _profile(
+    separator: Separator, source: Path, destination: Path, audio: np.ndarray, folder: Path
+) -> None:
+    """Where the engine's time goes, in detail: for the file path and the in-memory path, a
+    cProfile of the host (by own time, then cumulative) and a torch profile of the operators
+    (by their own device time on CUDA, host time elsewhere), as text files in ``folder``."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    on_cuda = separator.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    order = "self_cuda_time_total" if on_cuda else "self_cpu_time_total"
+    jobs = {
+        "file": lambda: separator.separate_file(source, destination),
+        "memory": lambda: separator.separate(audio, BENCH_RATE),
+    }
+    for name, job in jobs.items():
+        host = cProfile.Profile()
+        host.runcall(lambda job=job: _timed(separator.device, job))
+        text = io.StringIO()
+        stats = pstats.Stats(host, stream=text)
+        stats.sort_stats("tottime").print_stats(40)
+        stats.sort_stats("cumulative").print_stats(40)
+        (folder / f"host-{name}.txt").write_text(text.getvalue())
+        with profile(activities=activities) as operators:
+            _timed(separator.device, job)
+        table = operators.key_averages().table(sort_by=order, row_limit=50)
+        (folder / f"operators-{name}.txt").write_text(table)
 
 
 def _network_seconds(separator: Separator, audio: np.ndarray) -> float:

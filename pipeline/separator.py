@@ -765,10 +765,13 @@ class _PendingFiles:
     sink: _SpoolSink
     paths: dict[str, Path]
     writes: list[Future]
+    _committed: bool = False
 
     def result(self) -> dict[str, Path]:
         """The paths, once every file is written and renamed into place; if any failed, none
         is left behind (a track's outputs appear all together or not at all)."""
+        if self._committed:
+            return self.paths
         writers, failure = [], None
         for write in self.writes:
             try:
@@ -781,6 +784,7 @@ class _PendingFiles:
                 raise failure
             for writer in writers:
                 committed.append(writer.commit())
+            self._committed = True
         except Exception:
             for writer in writers:
                 writer.discard()
@@ -984,41 +988,48 @@ class _ArraySink:
 
 class _SpoolSink:
     """Unscaled stems, frames [keep) of the source, to a spool file as interleaved float32
-    (frames, channels, 4). On CUDA, blocks come down through pinned buffers whose copies are
-    waited for only when ``_COPY_DEPTH`` are in flight, so the device never waits on the disk."""
+    (frames, channels, 4), written by a thread of its own (in order) so that the engine's thread
+    never waits on the disk. On CUDA each block comes down into a pinned buffer and that thread
+    also waits for the copy. At most ``_COPY_DEPTH`` blocks are in flight (bounded memory)."""
 
     def __init__(
         self, spool: BinaryIO, channels: int, device: torch.device, keep: tuple[int, int]
     ) -> None:
         self.spool, self.channels, self.device, self.keep = spool, channels, device, keep
         self.coefficients = np.zeros((channels, len(STEMS)))
-        self._in_flight: deque[tuple[torch.cuda.Event, torch.Tensor]] = deque()
+        self._writer = ThreadPoolExecutor(1)
+        self._in_flight: deque[Future] = deque()
 
     def store(self, offset: int, block: torch.Tensor) -> None:
         first, stop = max(offset, self.keep[0]), min(offset + block.shape[-1], self.keep[1])
         if first >= stop:
             return
         frames = block[:, :, first - offset : stop - offset].permute(2, 0, 1)
-        if self.device.type != "cuda":
-            self.spool.write(frames.contiguous().numpy())
-            return
-        staging = torch.empty(frames.shape, pin_memory=True)
-        staging.copy_(frames, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._in_flight.append((event, staging))
-        self._drain(_COPY_DEPTH)
+        if self.device.type == "cuda":
+            staging = torch.empty(frames.shape, pin_memory=True)
+            staging.copy_(frames, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        else:
+            staging, copied = frames.contiguous(), None
+        while len(self._in_flight) >= _COPY_DEPTH:
+            self._in_flight.popleft().result()
+        self._in_flight.append(self._writer.submit(self._write, staging, copied))
+
+    def _write(self, staging: torch.Tensor, copied: torch.cuda.Event | None) -> None:
+        if copied is not None:
+            copied.synchronize()
+        self.spool.write(staging.numpy())
 
     def finish(self, coefficients: np.ndarray) -> _SpoolSink:
-        self._drain(0)
+        """Wait for every block to be written (a write's failure is raised here)."""
+        try:
+            while self._in_flight:
+                self._in_flight.popleft().result()
+        finally:
+            self._writer.shutdown()
         self.coefficients = coefficients
         return self
-
-    def _drain(self, depth: int) -> None:
-        while self._in_flight and (len(self._in_flight) > depth or self._in_flight[0][0].query()):
-            event, staging = self._in_flight.popleft()
-            event.synchronize()
-            self.spool.write(staging.numpy())
 
 
 class _DiscardSink:
@@ -1070,15 +1081,19 @@ class _StageFeed:
         ]
         self._statistics, self._mixture = statistics, mixture
         self._empty = torch.zeros(source.channels, 0, device=engine.device)
-        self._buffers = [self._empty for _ in engine.stage_rates]
-        self._offsets = [0] * len(engine.stage_rates)  # stage index of each buffer's first sample
+        stages = len(engine.stage_rates)
+        # Each stage's signal as the blocks it was produced in (appending never copies what is
+        # kept), from stage sample `_offsets[i]` on; `_held[i]` samples in all.
+        self._parts: list[deque[torch.Tensor]] = [deque() for _ in range(stages)]
+        self._offsets, self._held = [0] * stages, [0] * stages
+        self._assembled: list[tuple[int, int, torch.Tensor] | None] = [None] * stages
         self._exhausted = False
 
     def ensure(self, end: int) -> None:
         """Make base-rate samples up to ``end`` available in every stage."""
         while not self._exhausted and any(
-            offset + buffer.shape[1] < end * 2**i
-            for i, (offset, buffer) in enumerate(zip(self._offsets, self._buffers, strict=True))
+            offset + held < end * 2**i
+            for i, (offset, held) in enumerate(zip(self._offsets, self._held, strict=True))
         ):
             block = next(self._blocks, None)
             if block is not None and self._mixture is not None:
@@ -1087,32 +1102,55 @@ class _StageFeed:
             mean, scale = self._statistics.mean, self._statistics.scale
             for i, resample in enumerate(self._resamplers):
                 part = resample(self._empty if block is None else block, block is None)
-                part = (part - mean[i]) / scale[i]
-                self._buffers[i] = torch.cat([self._buffers[i], part], dim=1)
+                self._append(i, (part - mean[i]) / scale[i])
         if self._exhausted:  # zero padding up to the planned length, nothing beyond it
-            for i, buffer in enumerate(self._buffers):
+            for i, parts in enumerate(self._parts):
                 size = self._statistics.length * 2**i - self._offsets[i]
-                if buffer.shape[1] > size:
-                    self._buffers[i] = buffer[:, :size]
-                elif buffer.shape[1] < size:
-                    self._buffers[i] = torch.nn.functional.pad(buffer, (0, size - buffer.shape[1]))
+                while self._held[i] > size:
+                    excess = self._held[i] - size
+                    if parts[-1].shape[1] <= excess:
+                        self._held[i] -= parts.pop().shape[1]
+                    else:
+                        parts[-1] = parts[-1][:, : parts[-1].shape[1] - excess]
+                        self._held[i] = size
+                if self._held[i] < size:
+                    self._append(i, self._empty.new_zeros(self._channels, size - self._held[i]))
+
+    def _append(self, stage: int, part: torch.Tensor) -> None:
+        if part.shape[1]:
+            self._parts[stage].append(part)
+            self._held[stage] += part.shape[1]
 
     def release(self, begin: int) -> None:
-        """Drop base-rate samples before ``begin`` in every stage."""
-        for i, buffer in enumerate(self._buffers):
-            drop = begin * 2**i - self._offsets[i]
-            if drop > 0:
-                self._buffers[i] = buffer[:, drop:].clone()
-                self._offsets[i] += drop
+        """Drop the blocks that lie wholly before base-rate sample ``begin`` in every stage."""
+        for i, parts in enumerate(self._parts):
+            while parts and self._offsets[i] + parts[0].shape[1] <= begin * 2**i:
+                size = parts.popleft().shape[1]
+                self._offsets[i] += size
+                self._held[i] -= size
 
     def window(self, channel: int | None, begin: int, end: int, stage: int) -> torch.Tensor:
-        """Stage ``stage`` samples of base-rate span [begin, end) (all channels for None)."""
-        m, offset = 2**stage, self._offsets[stage]
-        rows = slice(None) if channel is None else channel
-        part = self._buffers[stage][rows, m * begin - offset : m * end - offset]
-        if part.shape[-1] != m * (end - begin):
+        """Stage ``stage`` samples of base-rate span [begin, end) (all channels for None). The
+        span is assembled once from the blocks it covers; every channel's window is a view."""
+        cached = self._assembled[stage]
+        if cached is None or cached[:2] != (begin, end):
+            cached = (begin, end, self._assemble(stage, 2**stage * begin, 2**stage * end))
+            self._assembled[stage] = cached
+        return cached[2] if channel is None else cached[2][channel]
+
+    def _assemble(self, stage: int, first: int, stop: int) -> torch.Tensor:
+        pieces, position = [], self._offsets[stage]
+        for part in self._parts[stage]:
+            size = part.shape[1]
+            if position + size > first and position < stop:
+                pieces.append(part[:, max(0, first - position) : stop - position])
+            position += size
+            if position >= stop:
+                break
+        span = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        if first < self._offsets[stage] or not pieces or span.shape[1] != stop - first:
             raise RuntimeError("internal error: window outside the available signal")
-        return part
+        return span
 
 
 def plan_windows(length: int, segment: int, context: int, align: int = 1) -> list[Window]:

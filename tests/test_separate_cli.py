@@ -104,9 +104,10 @@ def test_conflicting_options_are_a_usage_error(checkpoint, songs, tmp_path, caps
 
 
 @pytest.mark.slow  # three timed separations and the reference path
-def test_bench_reports_speed_memory_and_agreement(checkpoint, capsys):
+def test_bench_reports_speed_memory_and_agreement(checkpoint, capsys, tmp_path):
     command = ["bench", "--config", checkpoint, "--seconds", "3", "--segment", "1"]
-    assert main([*command, "--context", "0.5", "--json"]) == 0
+    profiles = tmp_path / "profiles"
+    assert main([*command, "--context", "0.5", "--json", "--profile", str(profiles)]) == 0
     figures = json.loads(capsys.readouterr().out)
     for key in ("reference_xrt", "engine_xrt", "ratio", "peak_rss_mb", "agreement_db"):
         assert np.isfinite(figures[key]) and figures[key] > 0, key
@@ -122,6 +123,16 @@ def test_bench_reports_speed_memory_and_agreement(checkpoint, capsys):
     assert figures["phase_network_s"] > 0 and figures["phase_encode_s"] > 0
     for key in ("memory_xrt", "network_xrt"):
         assert np.isfinite(figures[key]) and figures[key] > 0, key
+    # --profile: the host's and the operators' view of the file run and the in-memory run.
+    assert sorted(p.name for p in profiles.iterdir()) == [
+        "host-file.txt",
+        "host-memory.txt",
+        "operators-file.txt",
+        "operators-memory.txt",
+    ]
+    assert "separate_file" in (profiles / "host-file.txt").read_text()
+    assert "_forward" in (profiles / "host-memory.txt").read_text()
+    assert "aten::" in (profiles / "operators-memory.txt").read_text()
     assert main([*command, "--engine-only"]) == 0
     printed = capsys.readouterr().out
     assert "engine:" in printed and "peak RSS" in printed and "reference:" not in printed

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 
 from pipeline.commands import UsageError
 from pipeline.commands.separate import add_window_arguments
@@ -53,6 +54,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="auto",
         help="the TCN blocks: fused (torch.compile), eager (hand-written) or auto (fused on CUDA)",
     )
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="also write profiles of the engine's file and in-memory runs into DIR: the host "
+        "(cProfile) and the operators (torch.profiler, device time on CUDA)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of random weights")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(handler=run)
@@ -84,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
             engine_only=args.engine_only,
             threads=args.threads,
             kernels=args.kernels,
+            profile=str(Path(args.profile).resolve()) if args.profile else None,
         )
         # Refuse options the engine cannot run before any process is started (on the CPU: the
         # parent process keeps no copy of the network on the GPU).
