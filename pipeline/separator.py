@@ -990,7 +990,8 @@ class _SpoolSink:
     """Unscaled stems, frames [keep) of the source, to a spool file as interleaved float32
     (frames, channels, 4), written by a thread of its own (in order) so that the engine's thread
     never waits on the disk. On CUDA each block comes down into a pinned buffer and that thread
-    also waits for the copy. At most ``_COPY_DEPTH`` blocks are in flight (bounded memory)."""
+    also waits for the copy. At most ``_COPY_DEPTH`` blocks are in flight on CUDA, one on a CPU
+    (bounded memory)."""
 
     def __init__(
         self, spool: BinaryIO, channels: int, device: torch.device, keep: tuple[int, int]
@@ -1012,7 +1013,10 @@ class _SpoolSink:
             copied.record()
         else:
             staging, copied = frames.contiguous(), None
-        while len(self._in_flight) >= _COPY_DEPTH:
+        # A CPU's blocks are written as fast as they come: one in flight keeps memory as low
+        # as writing them in this thread did. A GPU keeps several copies going.
+        depth = _COPY_DEPTH if self.device.type == "cuda" else 1
+        while len(self._in_flight) >= depth:
             self._in_flight.popleft().result()
         self._in_flight.append(self._writer.submit(self._write, staging, copied))
 
