@@ -321,11 +321,13 @@ def _timed(device: torch.device, work: Any) -> float:
     return time.perf_counter() - started
 
 
-def run_throughput(model: MultiTasNet, options: BenchOptions, tracks: int) -> dict[str, Any]:
+def run_throughput(
+    model: MultiTasNet, options: BenchOptions, tracks: int, per_call: int | None = None
+) -> dict[str, Any]:
     """``tracks`` different files of ``options.seconds`` through the catalog's model stage
-    (:meth:`Separator.separate_files`, as many tracks per call as a catalog worker on this
-    device takes), in this process and without Ray: aggregate real-time factor and, on CUDA,
-    the fraction of the time the device spent in forward passes."""
+    (:meth:`Separator.separate_files`, ``per_call`` tracks per call: by default as many as a
+    catalog worker on this device takes), in this process and without Ray: aggregate real-time
+    factor and, on CUDA, the fraction of the time the device spent in forward passes."""
     from pipeline.catalog.job import GPU_TRACKS_PER_CALL
 
     keep_freed_memory()
@@ -341,7 +343,8 @@ def run_throughput(model: MultiTasNet, options: BenchOptions, tracks: int) -> di
         with ThreadPoolExecutor() as pool:  # the encoder releases the GIL
             list(pool.map(make_track, range(tracks)))
         separator = _separator(save_checkpoint(model, work / "model"), options)
-        per_call = GPU_TRACKS_PER_CALL if separator.device.type == "cuda" else 1
+        if per_call is None:
+            per_call = GPU_TRACKS_PER_CALL if separator.device.type == "cuda" else 1
         separator.separate(bench_audio(min(options.seconds, 4.0)), BENCH_RATE)  # warm-up
         separator.forward_events = [] if separator.device.type == "cuda" else None
         jobs = [(path, work / "stems" / path.stem) for path in sources]

@@ -47,7 +47,7 @@ import platform
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -540,12 +540,8 @@ class Separator:
                     raise
                 return error
 
-        # Each track's first pass (decoding and the statistics) runs in its own thread: decoding
-        # and the resamplers release the GIL. With a phase clock (not thread-safe) one by one.
-        threads = min(len(sources), os.cpu_count() or 1) if self.clock is None else 1
-        with ThreadPoolExecutor(threads) as pool:
-            tracks: list[_Track | Exception] = list(pool.map(start, range(len(sources))))
-        results: list = [track if isinstance(track, Exception) else None for track in tracks]
+        tracks: list[_Track | Exception | None] = [None] * len(sources)
+        results: list = [None] * len(sources)
 
         def finish(index: int, track: _Track) -> None:
             try:
@@ -556,11 +552,27 @@ class Separator:
                     raise
                 results[index] = error
 
-        running = [track for track in tracks if isinstance(track, _Track)]
-        for index, track in enumerate(tracks):
-            if isinstance(track, _Track):
+        def started(pool: ThreadPoolExecutor | _Inline) -> Iterator[_Track]:
+            """The tracks in order, each as soon as its first pass is done; the later tracks'
+            first passes go on in the pool while the device works on the earlier ones."""
+            futures = [pool.submit(start, index) for index in range(len(sources))]
+            for index, future in enumerate(futures):
+                track = tracks[index] = future.result()
+                if isinstance(track, Exception):
+                    results[index] = track
+                    continue
                 track.on_done = functools.partial(finish, index, track)
-        self._schedule(running, progress, callback, strict)
+                yield track
+
+        # First passes (decoding and the statistics) run in threads: decoding and the resamplers
+        # release the GIL. On a GPU several at once; a CPU's cores are the network's, so there
+        # one thread reads ahead of it. With a phase clock (not thread-safe) all happens here.
+        threads = min(len(sources), os.cpu_count() or 1) if self.device.type != "cpu" else 1
+        if self.clock is not None:
+            self._schedule(started(_Inline()), progress, callback, strict, len(sources))
+        else:
+            with ThreadPoolExecutor(max(1, threads)) as pool:
+                self._schedule(started(pool), progress, callback, strict, len(sources))
         for index, track in enumerate(tracks):
             if isinstance(track, _Track) and results[index] is None:
                 results[index] = track.error or RuntimeError(
@@ -570,20 +582,20 @@ class Separator:
 
     def _schedule(
         self,
-        tracks: Sequence[_Track],
+        tracks: Iterable[_Track],
         progress: bool,
         callback: WindowCallback | None,
         strict: bool = True,
+        count: int = 1,
     ) -> None:
-        """Run every (window, channel) item of ``tracks`` through the network, ``batch_size``
-        at a time; items of consecutive tracks share a batch when their windows are as long."""
-        total = sum(track.item_count for track in tracks)
-        done = 0
-        if callback is not None:
-            callback(done, total)
+        """Run every (window, channel) item of ``tracks`` (``count`` of them, taken as they
+        come) through the network, ``batch_size`` at a time; items of consecutive tracks share a
+        batch when their windows are as long. ``callback`` is told the items of the tracks
+        started so far (a single track's total is known before the first forward)."""
+        total = done = 0
         batch: list[_Item] = []
-        name = tracks[0].source.name if len(tracks) == 1 else f"{len(tracks)} tracks"
-        with tqdm(total=total, disable=not progress, unit="window", leave=False, desc=name) as bar:
+        name = f"{count} tracks" if count > 1 else None
+        with tqdm(total=0, disable=not progress, unit="window", leave=False, desc=name) as bar:
 
             def flush() -> None:
                 nonlocal done
@@ -595,6 +607,12 @@ class Separator:
                     callback(done, total)
 
             for track in tracks:
+                total += track.item_count
+                bar.total = total
+                if count == 1:
+                    bar.set_description_str(track.source.name)
+                if callback is not None and done == 0:
+                    callback(done, total)
                 for item in track.items(strict):
                     full = len(batch) == (self.batch_size or MAX_AUTO_BATCH)
                     if batch and (full or item.size != batch[0].size):
@@ -819,6 +837,18 @@ def _write_mix(
         writer.discard()
         raise
     return writer
+
+
+class _Inline:
+    """An executor that runs each task at once, in the calling thread (for the phase clock)."""
+
+    def submit(self, function: Callable[..., Any], *args: Any) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(function(*args))
+        except Exception as error:
+            future.set_exception(error)
+        return future
 
 
 def _read_ahead(blocks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:

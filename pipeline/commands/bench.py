@@ -49,6 +49,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "in this process (no Ray): aggregate real time and, on CUDA, the GPU-busy fraction",
     )
     parser.add_argument(
+        "--tracks-per-call",
+        type=int,
+        metavar="N",
+        help="with --tracks: tracks per separate_files call (default: a catalog worker's, 8 on "
+        "a GPU and 1 on a CPU)",
+    )
+    parser.add_argument(
         "--kernels",
         choices=KERNELS,
         default="auto",
@@ -77,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--threads must be at least 1")
     if args.tracks is not None and args.tracks < 1:
         raise UsageError("--tracks must be at least 1")
+    if args.tracks_per_call is not None and (args.tracks_per_call < 1 or not args.tracks):
+        raise UsageError("--tracks-per-call must be at least 1 and goes with --tracks")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.precision = resolve_precision(args.precision, device)
     try:
@@ -110,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UsageError(str(error).splitlines()[0]) from None
     if args.tracks:
-        figures = run_throughput(model, options, args.tracks)
+        figures = run_throughput(model, options, args.tracks, args.tracks_per_call)
     else:
         figures = run_bench(model, options)
     results = {"config": args.config, "weights": weights, **figures}
