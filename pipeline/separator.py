@@ -1060,6 +1060,7 @@ class _SpoolSink:
         try:
             while self._in_flight:
                 self._in_flight.popleft().result()
+            self.spool.flush()  # the encoders read the file by position, past Python's buffer
         finally:
             self._writer.shutdown()
         self.coefficients = coefficients
