@@ -202,13 +202,13 @@ class _FrozenMask(nn.Module):
         skip_carry = torch.zeros_like(carry)
         # Every block's two intermediate activations go to the same two buffers: touching fresh
         # pages for each block's tensors cost more than the arithmetic on some machines.
-        hidden_size = (batch * INSTRUMENTS, self.blocks[0].hidden_channels, frames)
-        workspace = (x.new_empty(hidden_size), x.new_empty(hidden_size)) if self.blocks else ()
         if self.fused:
             step = fused_block_step()
             for block in self.blocks:
                 x, skip, carry, skip_carry = step(x, skip, carry, skip_carry, *block.constants())
-        else:
+        elif self.blocks:
+            hidden_size = (batch * INSTRUMENTS, self.blocks[0].hidden_channels, frames)
+            workspace = (x.new_empty(hidden_size), x.new_empty(hidden_size))
             for block in self.blocks:
                 carry, skip_carry = block(x, skip, carry, skip_carry, batch, workspace)
 
@@ -242,7 +242,8 @@ class _FrozenBlock(nn.Module):
     def constants(self) -> tuple:
         """This block's arguments of :func:`fused_block_step` after the four activations: the
         kernels in the network's dtype, the normalisations' affines, biases and slopes in
-        float32, and the depthwise dilation, padding, groups and epsilon."""
+        float32, the depthwise dilation and padding, and both normalisations' groups and
+        epsilons."""
         if self._constants is None or self._constants[0].device != self.conv.kernel.device:
             slopes = torch.tensor([self.slope_1, self.slope_2], device=self.conv.kernel.device)
             self._constants = (
@@ -262,6 +263,8 @@ class _FrozenBlock(nn.Module):
                 self.depthwise.padding,
                 self.norm_1.groups,
                 self.norm_1.eps,
+                self.norm_2.groups,
+                self.norm_2.eps,
             )
         return self._constants
 
@@ -599,8 +602,10 @@ def _block_step(
     slopes: torch.Tensor,
     dilation: int,
     padding: int,
-    groups: int,
-    eps: float,
+    groups_1: int,
+    eps_1: float,
+    groups_2: int,
+    eps_2: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One TCN block as :class:`_FrozenBlock` computes it, written as a pure function for a
     compiler: returns new ``(x, skip, carry, skip_carry)`` instead of updating them.
@@ -615,7 +620,7 @@ def _block_step(
     hidden = torch.matmul(conv, x.view(*per_item, channels, frames))
     hidden = hidden.float() + torch.matmul(conv, carry.view(*per_item, channels, 1)).float()
     hidden = torch.where(hidden >= 0, hidden, hidden * slopes[0])
-    scale, shift = _group_affine(hidden, norm_1_scale, norm_1_shift, groups, eps)
+    scale, shift = _group_affine(hidden, norm_1_scale, norm_1_shift, groups_1, eps_1)
     normalised = F.pad(hidden * scale + shift, (padding, padding))
     taps = depthwise.shape[-1]
     out = depthwise_bias.unsqueeze(-1) + sum(
@@ -623,7 +628,7 @@ def _block_step(
         for tap in range(taps)
     )
     out = torch.where(out >= 0, out, out * slopes[1])
-    scale, shift = _group_affine(out, norm_2_scale, norm_2_shift, groups, eps)
+    scale, shift = _group_affine(out, norm_2_scale, norm_2_shift, groups_2, eps_2)
     out = out.to(dtype).view(rows, -1, frames)
     results = []
     for weight, bias, stream, stream_carry in (

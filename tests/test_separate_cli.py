@@ -149,6 +149,7 @@ def test_bench_throughput_mode_runs_several_tracks_through_the_model_stage(check
     assert json.loads(capsys.readouterr().out)["tracks_per_call"] == 2
     assert main(["bench", "--config", checkpoint, "--tracks", "0"]) == 2
     assert main(["bench", "--config", checkpoint, "--tracks-per-call", "2"]) == 2
+    assert main([*command, "--profile", "profiles"]) == 2
 
 
 @pytest.mark.slow  # a fresh Python process

@@ -86,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--tracks must be at least 1")
     if args.tracks_per_call is not None and (args.tracks_per_call < 1 or not args.tracks):
         raise UsageError("--tracks-per-call must be at least 1 and goes with --tracks")
+    if args.profile and (args.tracks or args.engine_only):
+        raise UsageError("--profile profiles the full bench: not with --tracks or --engine-only")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.precision = resolve_precision(args.precision, device)
     try:
