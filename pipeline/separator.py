@@ -45,6 +45,7 @@ import math
 import os
 import platform
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -760,12 +761,8 @@ class Separator:
         coefficients), one pool task per file. With a phase clock (the bench) the files are
         also waited for here, so that the encode phase is timed on its own."""
         paths = {name: destination / f"{name}.{format}" for name in weights}
-        gains = {
-            name: (sink.coefficients * weight[None]).astype(np.float32)  # (channels, 4)
-            for name, weight in weights.items()
-        }
         tasks = [
-            functools.partial(_write_mix, sink, gains[name], path, format, rate)
+            functools.partial(_write_mix, sink, weights[name], path, format, rate)
             for name, path in paths.items()
         ]
         if self.clock is None:
@@ -813,12 +810,13 @@ class _PendingFiles:
 
 
 def _write_mix(
-    sink: _SpoolSink, gains: np.ndarray, path: Path, format: str, rate: int
+    sink: _SpoolSink, weight: np.ndarray, path: Path, format: str, rate: int
 ) -> AudioWriter:
     """One output file, complete under its temporary name, from a track's spool of interleaved
-    (frames, channels, 4) float32 stems: each channel the stems weighted by ``gains``
-    (channels, 4). Reads the spool by position (``os.pread``), so that several files of a track
-    are written at once without sharing a file offset."""
+    (frames, channels, 4) float32 stems: each channel the stems weighted by ``weight`` (4,)
+    times the track's least-squares coefficients. Reads the spool by position (``os.pread``),
+    so that several files of a track are written at once without sharing a file offset."""
+    gains = (sink.ready() * weight[None]).astype(np.float32)  # (channels, 4)
     descriptor, channels = sink.spool.fileno(), sink.channels
     frame_bytes = channels * len(STEMS) * _FLOAT32
     writer = AudioWriter(path, rate, channels, format)
@@ -837,6 +835,46 @@ def _write_mix(
         writer.discard()
         raise
     return writer
+
+
+class _Once:
+    """``function()`` computed by the first caller, in any thread; later callers wait for that
+    and get the same result (or the same exception)."""
+
+    def __init__(self, function: Callable[[], Any]) -> None:
+        self._function, self._lock, self._outcome = function, threading.Lock(), None
+
+    def __call__(self) -> Any:
+        with self._lock:
+            if self._outcome is None:
+                try:
+                    self._outcome = (True, self._function())
+                except Exception as error:
+                    self._outcome = (False, error)
+        succeeded, value = self._outcome
+        if not succeeded:
+            raise value
+        return value
+
+
+class _Download:
+    """A device tensor copied to the host asynchronously (pinned, with an event on CUDA);
+    :meth:`numpy` waits for that copy only."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._event = None
+        if tensor.device.type != "cuda":
+            self._host = tensor.cpu()
+            return
+        self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self._host.copy_(tensor, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def numpy(self) -> np.ndarray:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.numpy()
 
 
 class _Inline:
@@ -883,7 +921,7 @@ class _Item:
 class _Sink(Protocol):
     def store(self, offset: int, block: torch.Tensor) -> None: ...
 
-    def finish(self, coefficients: np.ndarray) -> object: ...
+    def finish(self, solve: Callable[[], np.ndarray]) -> object: ...
 
 
 class _Track:
@@ -952,15 +990,24 @@ class _Track:
             done()
 
     def finish(self) -> object:
-        """Flush, solve the least squares and hand the coefficients to the sink."""
+        """Flush, and hand the sink a solver of the least squares: the sums come down
+        asynchronously, so that the engine's thread does not wait for the device here; the sink
+        solves when it needs the coefficients (a file sink: in its encoding threads)."""
         frames = self.statistics.frames
         with self.engine._phase("resample_out"):
             empty = torch.zeros(self.channels * len(STEMS), 0, device=self.engine.device)
             self._emit(self._back(empty, True))
             if self._written < frames:  # the resampler came up a few samples short
                 self._emit(empty.new_zeros(empty.shape[0], frames - self._written))
-            gram, target = self._gram.cpu().numpy(), self._target.cpu().numpy()
-        if not (np.isfinite(gram).all() and np.isfinite(target).all()):
+            # (channels, 4, 5): the Gram matrix, then the target as a fifth column
+            sums = _Download(torch.cat([self._gram, self._target.unsqueeze(-1)], dim=-1))
+        return self.sink.finish(_Once(functools.partial(self._solve, sums)))
+
+    def _solve(self, sums: _Download) -> np.ndarray:
+        """The least-squares coefficients (channels, 4) from the downloaded sums."""
+        downloaded = sums.numpy()
+        gram, target = downloaded[..., : len(STEMS)], downloaded[..., len(STEMS)]
+        if not np.isfinite(downloaded).all():
             precision = self.engine.precision
             raise FloatingPointError(
                 f"{self.source.name}: the network produced non-finite values at {precision} "
@@ -970,7 +1017,7 @@ class _Track:
         # A channel without any signal beyond a constant (silence, DC) has nothing to separate:
         # fitting the network's output to the offset would invent stems.
         coefficients[self.statistics.silent] = 0
-        return self.sink.finish(coefficients)
+        return coefficients
 
     def _window_done(self, top: torch.Tensor) -> None:
         """A window's segment of all channels (channels, 4, n) at the last stage's rate."""
@@ -1008,8 +1055,9 @@ class _ArraySink:
         target = self.stems[:, :, offset : offset + block.shape[-1]]
         target.copy_(block.transpose(0, 1), non_blocking=True)
 
-    def finish(self, coefficients: np.ndarray) -> dict[str, np.ndarray]:
+    def finish(self, solve: Callable[[], np.ndarray]) -> dict[str, np.ndarray]:
         _synchronize(self.device)
+        coefficients = solve()
         stems = self.stems.numpy()
         for k, stem in enumerate(stems):
             stem *= coefficients[:, k : k + 1].astype(np.float32)
@@ -1027,9 +1075,9 @@ class _SpoolSink:
         self, spool: BinaryIO, channels: int, device: torch.device, keep: tuple[int, int]
     ) -> None:
         self.spool, self.channels, self.device, self.keep = spool, channels, device, keep
-        self.coefficients = np.zeros((channels, len(STEMS)))
         self._writer = ThreadPoolExecutor(1)
         self._in_flight: deque[Future] = deque()
+        self._ready: _Once | None = None
 
     def store(self, offset: int, block: torch.Tensor) -> None:
         first, stop = max(offset, self.keep[0]), min(offset + block.shape[-1], self.keep[1])
@@ -1055,23 +1103,34 @@ class _SpoolSink:
             copied.synchronize()
         self.spool.write(staging.numpy())
 
-    def finish(self, coefficients: np.ndarray) -> _SpoolSink:
-        """Wait for every block to be written (a write's failure is raised here)."""
+    def finish(self, solve: Callable[[], np.ndarray]) -> _SpoolSink:
+        """Take the track's least-squares solver; nothing is waited for here (see ready)."""
+        self._ready = _Once(functools.partial(self._complete, solve))
+        return self
+
+    def ready(self) -> np.ndarray:
+        """The least-squares coefficients (channels, 4), once every block is in the spool (a
+        write's or the solver's failure is raised here). Safe to call from several threads:
+        the first call does the waiting, the others wait for it."""
+        if self._ready is None:
+            raise RuntimeError("internal error: spool read before its track was finished")
+        return self._ready()
+
+    def _complete(self, solve: Callable[[], np.ndarray]) -> np.ndarray:
         try:
             while self._in_flight:
                 self._in_flight.popleft().result()
             self.spool.flush()  # the encoders read the file by position, past Python's buffer
         finally:
             self._writer.shutdown()
-        self.coefficients = coefficients
-        return self
+        return solve()
 
 
 class _DiscardSink:
     def store(self, offset: int, block: torch.Tensor) -> None:
         pass
 
-    def finish(self, coefficients: np.ndarray) -> None:
+    def finish(self, solve: Callable[[], np.ndarray]) -> None:
         return None
 
 

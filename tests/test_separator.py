@@ -306,3 +306,24 @@ def test_reading_ahead_keeps_one_block_in_flight_and_stops_when_closed():
     time.sleep(0.1)
     assert count == len(reads) == 3  # blocks 0 and 1, and one read ahead
     assert [block[0] for block in _read_ahead(blocks())] == list(range(10))
+
+
+def test_a_network_that_gives_non_finite_values_fails_each_track_with_a_reason(tmp_path):
+    """The least squares run where the coefficients are needed (for files, in the encoding
+    threads): non-finite sums still fail the track with one clear error, no NaN file is left,
+    and an in-memory separation raises the same error."""
+    torch.manual_seed(0)
+    broken = MultiTasNet(SMALL).eval()
+    with torch.no_grad():
+        next(broken.stages[-1].decoder.parameters()).fill_(float("nan"))  # the last stage's
+    separator = Separator(broken, device="cpu", segment=1.0, context=0.25)
+    rate = 16000
+    jobs = []
+    for name in ("a", "b"):
+        write_audio(tmp_path / f"{name}.wav", bench_audio(1.5, rate), rate, format="wav")
+        jobs.append((tmp_path / f"{name}.wav", tmp_path / "out" / name))
+    results = separator.separate_files(jobs, format="flac")
+    assert all(isinstance(r, FloatingPointError) and "non-finite" in str(r) for r in results)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.flac"))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        separator.separate(bench_audio(1.5, rate), rate)
