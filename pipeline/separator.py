@@ -310,10 +310,9 @@ class Separator:
         self.config = model.config
         self.model_id, self.options_hash = identify(model, precision, segment, context)
         self.segment, self.context = _window_frames(model, segment, context)
-        if kernels == "auto":
-            kernels = "fused" if self.device.type == "cuda" else "eager"
-        self.kernels = kernels
-        fused = kernels == "fused"
+        # Whether the blocks are fused is the network's to say (``network.fused``): it falls
+        # back to the hand-written blocks where compiling fails.
+        fused = kernels == "fused" or (kernels == "auto" and self.device.type == "cuda")
         self.network = FrozenTasNet(model, dtype, fused).to(self.device).eval()
         self.precision = precision
         self.batch_size = batch_size or (DEFAULT_BATCH if self.device.type == "cpu" else None)
