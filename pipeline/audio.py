@@ -94,8 +94,9 @@ class AudioReader:
         self.close()
 
 
-def open_audio(source: str | Path | BinaryIO) -> AudioReader:
-    """Open an audio file (path or binary file object) for block-wise reading.
+def open_audio(source: str | Path | BinaryIO, stream: int = 0) -> AudioReader:
+    """Open an audio file (path or binary file object) for block-wise reading; ``stream``
+    picks an audio stream of a container holding several (a .stem.mp4: decoded by ffmpeg).
 
     Raises :class:`AudioError` for a missing, empty, unreadable or non-audio input, and for one
     without any samples.
@@ -112,9 +113,11 @@ def open_audio(source: str | Path | BinaryIO) -> AudioReader:
     cleanup = contextlib.ExitStack()
     try:
         try:
+            if stream:
+                raise RuntimeError("libsndfile reads one stream")
             file = sf.SoundFile(source)
         except (sf.LibsndfileError, RuntimeError, TypeError):
-            file = sf.SoundFile(_decode_with_ffmpeg(source, name, cleanup))
+            file = sf.SoundFile(_decode_with_ffmpeg(source, name, cleanup, stream))
         reader = AudioReader(file, name, cleanup)
     except BaseException:
         cleanup.close()
@@ -132,9 +135,9 @@ def read_audio(source: str | Path | BinaryIO) -> tuple[np.ndarray, int]:
 
 
 def _decode_with_ffmpeg(
-    source: str | Path | BinaryIO, name: str, cleanup: contextlib.ExitStack
+    source: str | Path | BinaryIO, name: str, cleanup: contextlib.ExitStack, stream: int = 0
 ) -> Path:
-    """Decode the first audio stream with ffmpeg to a temporary float WAV; return its path."""
+    """Decode audio stream ``stream`` with ffmpeg to a temporary float WAV; return its path."""
     if shutil.which("ffmpeg") is None:
         raise AudioError(f"{name}: not readable by libsndfile, and ffmpeg is not installed")
     folder = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="metasep-")))
@@ -149,7 +152,7 @@ def _decode_with_ffmpeg(
         if path.stat().st_size == 0:
             raise AudioError(f"{name}: empty file")
     decoded = folder / "decoded.wav"
-    command = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-vn"]
+    command = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-map", f"0:a:{stream}", "-vn"]
     command += ["-c:a", "pcm_f32le", "-rf64", "auto", "-f", "wav", str(decoded)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0 or not decoded.exists():

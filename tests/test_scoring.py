@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import tracemalloc
 
 import museval
 import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.scoring import METRICS, score_track, summarize, track_store
+from pipeline.scoring import METRICS, score_blocks, score_track, summarize, track_store
 
 TARGETS = ("drums", "bass", "other", "vocals")
 
@@ -89,3 +91,50 @@ def test_a_last_partial_second_is_not_a_frame_as_in_museval():
     )
     assert sdr.shape[1] == 1 and len(frames) == 4 * 1
     np.testing.assert_allclose(frames[frames.target == "bass"].SDR, sdr[1], rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_blocks_of_any_size_score_as_the_whole_track():
+    """The filters' sums carry 511 samples of history across blocks, and frames are cut from
+    whatever blocks arrive: blocks shorter than that history and blocks spanning several frames
+    give the frames of the whole track."""
+    refs, ests = make_track(4, seconds=2)
+    reference = np.stack([refs[t] for t in TARGETS])
+    estimate = np.stack([ests[t] for t in TARGETS])
+    bounds = np.cumsum([0, 300, 7, 70_000, 1, 4_410])
+    bounds = [*bounds, reference.shape[-1]]
+
+    def blocks():
+        for start, stop in itertools.pairwise(bounds):
+            yield reference[..., start:stop], estimate[..., start:stop]
+
+    scores = score_blocks(TARGETS, blocks)
+    expected = score_track(refs, ests)
+    assert scores.samples == reference.shape[-1] and scores.silent == ()
+    for metric in METRICS:
+        np.testing.assert_allclose(scores.frames[metric], expected[metric], rtol=1e-9)
+
+
+@pytest.mark.slow
+def test_scoring_memory_does_not_grow_with_the_track():
+    """Both passes read the track as blocks made on the fly: the peak of allocations (numpy's
+    included) is the same for 2 s and 8 s (museval.evaluate's FFTs of the whole track would add
+    about 100 MB here)."""
+
+    def track(seconds: int):
+        def blocks():
+            for second in range(seconds):
+                rng = np.random.default_rng(second)
+                reference = rng.standard_normal((4, 2, 44100)).astype(np.float32)
+                yield reference, reference + 0.3 * rng.standard_normal(reference.shape)
+
+        return blocks
+
+    peaks = []
+    for seconds in (2, 8):
+        tracemalloc.start()
+        scores = score_blocks(TARGETS, track(seconds))
+        peaks.append(tracemalloc.get_traced_memory()[1] / 2**20)
+        tracemalloc.stop()
+        assert len(scores.frames) == 4 * seconds and scores.frames.SDR.notna().all()
+    assert peaks[1] < peaks[0] + 8, f"peak {peaks[0]:.0f} MB for 2 s, {peaks[1]:.0f} MB for 8 s"

@@ -7,9 +7,11 @@ import json
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 from model import STEMS, MultiTasNet, TasNetConfig, load_checkpoint
+from pipeline.audio import resample
 from pipeline.cli import main
 from pipeline.separator import Separator
 from pipeline.training.config import RunConfig, TrainConfig
@@ -270,3 +272,28 @@ def test_musdb_stem_mp4_catalog_is_read_through_musdb(tmp_path):
     assert top.shape[:2] == (4, 2) and abs(top.shape[-1] - 32000 * seconds) < 32000 * 0.1
     spectrum = np.abs(np.fft.rfft(top[1, 0]))  # bass of track A: 55 Hz
     assert abs(np.argmax(spectrum) * 32000 / top.shape[-1] - 55.0) < 2.0
+
+
+@pytest.mark.parametrize("channels", [2, 1])
+def test_cache_is_the_whole_track_resampled_and_normalised(tmp_path, channels):
+    """The cache is written from blocks (a 13 s track spans several), and equals resampling each
+    whole stem once and dividing by the deviation of each stage's mono mix; mono stems are used
+    for both channels."""
+    rng = np.random.default_rng(0)
+    rate, frames = 44100, 44100 * 13
+    folder = tmp_path / "refs" / "train" / "long"
+    folder.mkdir(parents=True)
+    stems = {}
+    for k, stem in enumerate(("drums", "bass", "other", "vocals")):
+        audio = 0.1 * (k + 1) * rng.standard_normal((channels, frames))
+        sf.write(folder / f"{stem}.wav", audio.T, rate, subtype="FLOAT")
+        stems[stem] = np.repeat(audio, 3 - channels, axis=0)
+    sources = find_tracks(str(tmp_path / "refs"), "train")
+    (track,) = prepare_tracks(sources, [8000, 16000, 32000], tmp_path / "cache", progress=False)
+    whole = np.concatenate([stems[s] for s in ("drums", "bass", "other", "vocals")])
+    staged = [resample(whole.astype(np.float32), rate, r) for r in (8000, 16000, 32000)]
+    base = min(s.shape[-1] // 2**i for i, s in enumerate(staged))
+    for i, audio in enumerate(staged):
+        audio = audio[:, : base * 2**i].reshape(4, 2, -1)
+        expected = audio / audio.sum(0).mean(0).std()
+        np.testing.assert_allclose(track.stages[i], expected, rtol=1e-4, atol=1e-6)

@@ -40,7 +40,7 @@ from pipeline.catalog.listing import CatalogTrack
 from pipeline.catalog.manifest import ManifestWriter
 from pipeline.catalog.paths import stem_paths
 from pipeline.catalog.runs import RunTally
-from pipeline.catalog.storage import full_url, open_location, retry_storage, upload_file
+from pipeline.catalog.storage import full_url, open_location, open_source, upload_file
 from pipeline.separator import SeparatedFile
 
 log = logging.getLogger(__name__)
@@ -226,7 +226,7 @@ class SeparateWorker:
                 fs, path = open_location(str(row["drums_uri"]), config.storage_options)
                 local = isinstance(fs, LocalFileSystem)
                 try:
-                    source = self._open_source(stack, str(row["source_uri"]))
+                    source = open_source(stack, str(row["source_uri"]), config.storage_options)
                 except Exception as failure:  # the object could not even be opened
                     results[index] = failure
                     continue
@@ -247,16 +247,6 @@ class SeparateWorker:
             except Exception as failure:
                 results[index] = RuntimeError(f"writing stems failed: {readable_error(failure)}")
         return results  # type: ignore[return-value]
-
-    def _open_source(self, stack: contextlib.ExitStack, uri: str) -> str | Any:
-        """A local path as it is, an object as a streaming file (retried while opening)."""
-        fs, path = open_location(uri, self.config.storage_options)
-        if isinstance(fs, LocalFileSystem):
-            return path
-        file = retry_storage(lambda: fs.open(path, "rb"), f"opening {uri}")
-        with contextlib.suppress(AttributeError):
-            file.name = uri  # how decoding errors name the track
-        return stack.enter_context(file)
 
     def _device_seconds(self) -> float | None:
         """Seconds the device spent in forward passes since the last call (CUDA events)."""

@@ -124,9 +124,12 @@ def _kb(value: str) -> float:
     return float(value.split()[0])
 
 
-def write_long_track(path: Path, minutes: float, rate: int = 44100, channels: int = 2) -> Path:
+def write_long_track(
+    path: Path, minutes: float, rate: int = 44100, channels: int = 2, seed: int = 0
+) -> Path:
     """A music-like FLAC of ``minutes``, written one minute at a time (each minute its own
-    :func:`pipeline.bench.bench_audio` seed, so the file does not repeat)."""
+    :func:`pipeline.bench.bench_audio` seed, so the file does not repeat; ``seed`` makes
+    another file)."""
     import soundfile as sf
 
     from pipeline.bench import bench_audio
@@ -135,7 +138,7 @@ def write_long_track(path: Path, minutes: float, rate: int = 44100, channels: in
     with sf.SoundFile(path, "w", rate, channels, format="FLAC", subtype="PCM_16") as file:
         for minute, start in enumerate(range(0, total, 60 * rate)):
             seconds = min(60 * rate, total - start) / rate
-            block = bench_audio(seconds, rate, seed=minute)[:channels]
+            block = bench_audio(seconds, rate, seed=minute + 100_000 * seed)[:channels]
             file.write(block.T)
     return path
 

@@ -15,19 +15,24 @@ evaluation reports it as that track's error.
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from model import STEMS
-from pipeline.audio import AudioError
+from pipeline.audio import AudioError, AudioReader, open_audio
 from pipeline.catalog.listing import CatalogError, is_audio_name, source_version
 from pipeline.catalog.paths import short_hash
-from pipeline.catalog.storage import full_url, open_location, read_audio_at, retry_storage
+from pipeline.catalog.storage import (
+    full_url,
+    open_audio_at,
+    open_location,
+    retry_storage,
+)
 
 MIXTURE = "mixture"
 REFERENCE_NAMES = (MIXTURE, *STEMS)
@@ -130,43 +135,29 @@ def _musdb_tracks(root: Path, split: str) -> list[ReferenceTrack]:
     return sorted(tracks, key=lambda t: t.name)
 
 
-def read_references(
+def open_references(
+    stack: contextlib.ExitStack,
     track: ReferenceTrack,
     names: tuple[str, ...] = STEMS,
     storage_options: dict[str, Any] | None = None,
-) -> tuple[dict[str, np.ndarray], int]:
-    """The audio of ``names`` (float32, (channels, samples)) and their common sample rate.
-
-    Raises :class:`AudioError` naming the file for a missing, unreadable or silent-by-NaN file,
-    and when the files differ in rate, channels or length (they are one track's stems).
-    """
+) -> dict[str, AudioReader]:
+    """Each of ``names`` open for block-wise reading (closed with ``stack``), in memory that
+    does not grow with the track's length: objects are read as streams, and a .stem.mp4's
+    streams are decoded by ffmpeg to temporary files. Raises :class:`AudioError` as
+    for a file that is missing or unreadable, and when the files differ in rate, channels or
+    length (they are one track's stems), from the files' headers."""
     missing = track.missing(names)
     if missing:
         raise AudioError(f"{track.location}: no {', '.join(f'{n}.wav' for n in missing)}")
     if STEM_CONTAINER in track.files:
-        return _read_container(track.files[STEM_CONTAINER], names)
-    audio, rates = {}, {}
-    for name in names:
-        audio[name], rates[name] = read_audio_at(track.files[name], storage_options)
-    shapes = {name: a.shape for name, a in audio.items()}
-    if len(set(rates.values())) > 1 or len(set(shapes.values())) > 1:
-        detail = ", ".join(f"{n} {rates[n]} Hz {shapes[n]}" for n in names)
+        path = track.files[STEM_CONTAINER]
+        readers = {
+            n: stack.enter_context(open_audio(path, REFERENCE_NAMES.index(n))) for n in names
+        }
+    else:
+        readers = {n: open_audio_at(stack, track.files[n], storage_options) for n in names}
+    shapes = {n: (r.rate, r.channels, r.frames) for n, r in readers.items()}
+    if len(set(shapes.values())) > 1:
+        detail = ", ".join(f"{n} {rate} Hz ({c}, {f})" for n, (rate, c, f) in shapes.items())
         raise AudioError(f"{track.location}: reference files differ in rate or shape ({detail})")
-    return audio, rates[names[0]]
-
-
-def _read_container(path: str, names: tuple[str, ...]) -> tuple[dict[str, np.ndarray], int]:
-    import stempeg
-
-    try:
-        stems, rate = stempeg.read_stems(
-            path,
-            stem_id=[REFERENCE_NAMES.index(n) for n in names],
-            dtype=np.float32,
-            always_3d=True,
-        )
-    except Exception as error:  # stempeg raises whatever ffmpeg/ffprobe reported
-        raise AudioError(
-            f"{path}: cannot read the stems ({' '.join(str(error).split())})"
-        ) from None
-    return {n: np.ascontiguousarray(stems[i].T) for i, n in enumerate(names)}, int(rate)
+    return readers

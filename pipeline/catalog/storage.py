@@ -15,7 +15,7 @@ so MinIO, Ceph RGW and AWS all work), ``gs://`` where gcsfs is installed, ``memo
 
 from __future__ import annotations
 
-import io
+import contextlib
 import logging
 import os
 import posixpath
@@ -25,7 +25,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import fsspec
-import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 log = logging.getLogger(__name__)
@@ -127,23 +126,24 @@ def upload_file(fs, local_path: str | os.PathLike, path: str) -> None:
     retry_storage(lambda: fs.put_file(str(local_path), path), f"writing {path}")
 
 
-def read_audio_at(
-    uri: str, storage_options: dict[str, Any] | None = None
-) -> tuple[np.ndarray, int]:
-    """Decode the audio object at ``uri`` (a local path or any fsspec URL), read with retries:
-    float32 (channels, samples) and its rate. Raises ``AudioError`` naming ``uri`` for an empty,
-    undecodable, sample-less or NaN file."""
-    from pipeline.audio import AudioError, read_audio
-
+def open_source(stack: contextlib.ExitStack, uri: str, storage_options: dict[str, Any] | None):
+    """What the decoder reads ``uri`` from: a local path as it is; an object as a streaming
+    file (opened with retries, ranges fetched as the decoder seeks), closed with ``stack``. The
+    file is named ``uri``, so that decoding errors name the object."""
     fs, path = open_location(uri, storage_options)
-    data = read_bytes(fs, path)
-    if not data:
-        raise AudioError(f"{uri}: empty file (0 bytes)")
-    buffer = io.BytesIO(data)
-    buffer.name = str(uri)
-    audio, rate = read_audio(buffer)
-    if audio.shape[1] == 0:
-        raise AudioError(f"{uri}: the file holds no audio samples")
-    if not np.isfinite(audio).all():
-        raise AudioError(f"{uri}: the audio holds NaN or infinite samples")
-    return audio, rate
+    if isinstance(fs, LocalFileSystem):
+        return path
+    file = retry_storage(lambda: fs.open(path, "rb"), f"opening {uri}")
+    with contextlib.suppress(AttributeError):
+        file.name = uri
+    return stack.enter_context(file)
+
+
+def open_audio_at(stack: contextlib.ExitStack, uri: str, storage_options: dict[str, Any] | None):
+    """``uri`` open for block-wise decoding (:class:`pipeline.audio.AudioReader`, closed with
+    ``stack``), in memory bounded by a block whatever the file's length. Raises ``AudioError``
+    naming ``uri`` for an empty, undecodable or sample-less file, and (while reading) for NaN
+    samples."""
+    from pipeline.audio import open_audio
+
+    return stack.enter_context(open_audio(open_source(stack, uri, storage_options)))

@@ -1,20 +1,23 @@
 """The scoring job: one Ray Data task per (method, track), results recorded as Parquet manifests.
 
-museval's BSSEval v4 is CPU-bound and single-threaded (about 23 s for 30 s of four-stem stereo on
-one core), so a task takes one CPU and ``workers`` of them run at once. Each task
-decodes the reference and estimate files itself (so only URLs travel), scores them, writes
-museval's per-track JSON and returns a manifest row holding the per-frame scores. Whatever goes
-wrong with one track (a corrupt file, a wrong channel count) becomes that track's error row; the
-run goes on, and a task whose worker died is run again.
+BSSEval v4 (:mod:`pipeline.scoring`) is CPU-bound and single-threaded, so a task takes one CPU
+and ``workers`` of them run at once. Each task opens the reference and estimate files itself (so
+only URLs travel) and reads them block by block, twice, so that its memory does not depend on
+the track's length; it writes museval's per-track JSON and returns a manifest row holding the
+per-frame scores. Whatever goes wrong with one track (a corrupt file, a wrong channel count)
+becomes that track's error row; the run goes on, and a task whose worker died is run again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
 import pickle
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -23,14 +26,14 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from pipeline.audio import AudioError, resample
+from pipeline.audio import AudioError, AudioReader, StreamResampler
 from pipeline.catalog.job import readable_error
 from pipeline.catalog.manifest import ManifestWriter
-from pipeline.catalog.references import MIXTURE, read_references
+from pipeline.catalog.references import MIXTURE, open_references
 from pipeline.catalog.runs import RunTally
-from pipeline.catalog.storage import open_location, read_audio_at, write_bytes
+from pipeline.catalog.storage import open_audio_at, open_location, write_bytes
 from pipeline.evaluation.plan import Pair
-from pipeline.scoring import METRICS, SISEC_RATE, score_track, track_store
+from pipeline.scoring import METRICS, SISEC_RATE, score_blocks, track_store
 
 _TIME = pa.timestamp("us", tz="UTC")
 FRAME_TYPE = pa.struct(
@@ -245,64 +248,146 @@ def score_pair(pair: Pair, storage_options: dict[str, Any] | None = None) -> dic
 
 
 def _score(pair: Pair, storage_options: dict[str, Any] | None) -> tuple[Any, list[str], float]:
-    """Per-frame scores of the pair, the warnings about how its files were used, its length."""
+    """Per-frame scores of the pair, the warnings about how its files were used, its length.
+
+    Every file is read block by block, twice (filters, then frames), so a task's memory does
+    not depend on the track's length."""
     baseline = pair.estimate is None
     names = (*pair.targets, MIXTURE) if baseline else pair.targets
-    references, rate = read_references(pair.reference, names, storage_options)
     warnings: list[str] = []
-    if baseline:
-        estimates = dict.fromkeys(pair.targets, references.pop(MIXTURE))
-    else:
-        estimates = {}
-        for target in pair.targets:
-            audio, estimate_rate = read_audio_at(pair.estimate.files[target], storage_options)
-            shape = references[target].shape
-            estimates[target] = conform(audio, estimate_rate, shape, rate, target, warnings)
-    if rate != SISEC_RATE:
-        warnings.append(f"references at {rate} Hz: scored at {SISEC_RATE} Hz (SiSEC settings)")
-        references = {t: resample(a, rate, SISEC_RATE) for t, a in references.items()}
-        estimates = {t: resample(a, rate, SISEC_RATE) for t, a in estimates.items()}
-    silent = [t for t in pair.targets if not np.any(references[t])]
-    if silent:
-        warnings.append(f"silent reference ({', '.join(silent)}): its scores are NaN")
-    duration_s = references[pair.targets[0]].shape[-1] / SISEC_RATE
-    return score_track(references, estimates, SISEC_RATE), warnings, duration_s
-
-
-def conform(
-    audio: np.ndarray,
-    rate: int,
-    shape: tuple[int, int],
-    reference_rate: int,
-    target: str,
-    warnings: list[str],
-) -> np.ndarray:
-    """An estimate brought to its reference's rate, channels and length, each change noted in
-    ``warnings``; an estimate that cannot be matched raises :class:`AudioError`."""
-    channels, samples = shape
-    estimate_channels = audio.shape[0]
-    if rate != reference_rate:
-        audio = resample(audio, rate, reference_rate)
-        warnings.append(f"{target}: estimate at {rate} Hz resampled to {reference_rate} Hz")
-    if estimate_channels != channels:
-        if estimate_channels == 1:
-            audio = np.repeat(audio, channels, axis=0)
-            warnings.append(f"{target}: mono estimate used for all {channels} channels")
-        elif channels == 1:
-            audio = audio.mean(axis=0, keepdims=True)
-            warnings.append(f"{target}: {estimate_channels}-channel estimate mixed down to mono")
+    with contextlib.ExitStack() as stack:
+        references = open_references(stack, pair.reference, names, storage_options)
+        first = references[names[0]]
+        if baseline:
+            estimates = [_Conformed(references[MIXTURE], first, MIXTURE, [])] * len(pair.targets)
         else:
-            raise AudioError(
-                f"{target}: the estimate has {estimate_channels} channels, the reference {channels}"
+            estimates = [
+                _Conformed(
+                    open_audio_at(stack, pair.estimate.files[t], storage_options),
+                    first,
+                    t,
+                    warnings,
+                )
+                for t in pair.targets
+            ]
+        if first.rate != SISEC_RATE:
+            warnings.append(
+                f"references at {first.rate} Hz: scored at {SISEC_RATE} Hz (SiSEC settings)"
             )
-    difference = audio.shape[1] - samples
-    if difference > 0:
-        audio = audio[:, :samples]
-        warnings.append(f"{target}: estimate {difference} samples longer, trimmed")
-    elif difference < 0:
-        audio = np.pad(audio, ((0, 0), (0, -difference)))
-        warnings.append(f"{target}: estimate {-difference} samples shorter, padded with silence")
-    return audio
+
+        def blocks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            signals = [_at_sisec_rate(references[t].blocks(), first) for t in pair.targets]
+            signals += [_at_sisec_rate(e.blocks(), first) for e in _unique(estimates)]
+            for parts in _in_step(signals):
+                count = len(pair.targets)
+                estimated = parts[count:] * count if baseline else parts[count:]
+                yield np.stack(parts[:count]), np.stack(estimated)
+
+        scores = score_blocks(pair.targets, blocks, SISEC_RATE)
+    for estimate in _unique(estimates):
+        warnings.extend(estimate.length_warnings())
+    if scores.silent:
+        warnings.append(f"silent reference ({', '.join(scores.silent)}): its scores are NaN")
+    return scores.frames, warnings, scores.samples / SISEC_RATE
+
+
+class _Conformed:
+    """An estimate's blocks brought to its reference's rate, channels and length, each change
+    noted in ``warnings`` (the length's once the file has been read: see length_warnings); an
+    estimate that cannot be matched raises :class:`AudioError`."""
+
+    def __init__(
+        self, reader: AudioReader, reference: AudioReader, target: str, warnings: list[str]
+    ) -> None:
+        self.reader, self.target, self.natural = reader, target, 0
+        self.rate, self.channels, self.samples = (
+            reference.rate,
+            reference.channels,
+            reference.frames,
+        )
+        if reader.rate != self.rate:
+            warnings.append(f"{target}: estimate at {reader.rate} Hz resampled to {self.rate} Hz")
+        if reader.channels != self.channels:
+            if reader.channels == 1:
+                warnings.append(f"{target}: mono estimate used for all {self.channels} channels")
+            elif self.channels == 1:
+                warnings.append(f"{target}: {reader.channels}-channel estimate mixed down to mono")
+            else:
+                raise AudioError(
+                    f"{target}: the estimate has {reader.channels} channels, "
+                    f"the reference {self.channels}"
+                )
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """The conformed estimate: exactly the reference's length (trimmed, or padded with
+        silence); ``natural`` counts the samples it had at the reference's rate."""
+        resampler = StreamResampler(self.reader.rate, self.rate, self.reader.channels)
+        written = self.natural = 0
+        for block in itertools.chain(self.reader.blocks(), [None]):
+            last = block is None
+            if last:
+                block = np.zeros((self.reader.channels, 0), np.float32)
+            block = self._channels(resampler.push(block, last))
+            self.natural += block.shape[1]
+            block = block[:, : self.samples - written]
+            written += block.shape[1]
+            if block.shape[1]:
+                yield block
+        if written < self.samples:
+            yield np.zeros((self.channels, self.samples - written), np.float32)
+
+    def _channels(self, block: np.ndarray) -> np.ndarray:
+        if block.shape[0] == self.channels:
+            return block
+        if block.shape[0] == 1:
+            return np.repeat(block, self.channels, axis=0)
+        return block.mean(axis=0, keepdims=True)
+
+    def length_warnings(self) -> list[str]:
+        difference = self.natural - self.samples
+        if difference > 0:
+            return [f"{self.target}: estimate {difference} samples longer, trimmed"]
+        if difference < 0:
+            return [f"{self.target}: estimate {-difference} samples shorter, padded with silence"]
+        return []
+
+
+def _at_sisec_rate(blocks: Iterator[np.ndarray], reference: AudioReader) -> Iterator[np.ndarray]:
+    """``blocks`` at the reference's rate, resampled to SiSEC's 44.1 kHz as one signal."""
+    resampler = StreamResampler(reference.rate, SISEC_RATE, reference.channels)
+    for block in itertools.chain(blocks, [None]):
+        last = block is None
+        if last:
+            block = np.zeros((reference.channels, 0), np.float32)
+        block = resampler.push(block, last)
+        if block.shape[1]:
+            yield block
+
+
+def _in_step(signals: list[Iterator[np.ndarray]]) -> Iterator[list[np.ndarray]]:
+    """Blocks of several signals of one length, cut to the same lengths."""
+    held: list[list[np.ndarray]] = [[] for _ in signals]
+    while True:
+        for parts, signal in zip(held, signals, strict=True):
+            if not parts:
+                block = next(signal, None)
+                if block is not None:
+                    parts.append(block)
+        if not all(held):
+            if any(held):
+                raise RuntimeError("internal error: the signals of a track differ in length")
+            return
+        size = min(parts[0].shape[1] for parts in held)
+        yield [parts[0][:, :size] for parts in held]
+        for parts in held:
+            parts[0] = parts[0][:, size:]
+            if not parts[0].shape[1]:
+                parts.pop()
+
+
+def _unique(estimates: list[_Conformed]) -> list[_Conformed]:
+    """The distinct estimates (the mixture baseline is one, for every target)."""
+    return list({id(e): e for e in estimates}.values())
 
 
 def _identity(pair: Pair) -> dict[str, Any]:
@@ -321,7 +406,9 @@ def _worker_name() -> str:
     try:
         import ray
 
-        node = ray.get_runtime_context().get_node_id()[:8]
-    except Exception:  # outside Ray (a direct call): the host and process are enough
+        # outside Ray (a direct call) the host and process are enough: asking a process that
+        # is not connected for its runtime context would start a local Ray
+        node = ray.get_runtime_context().get_node_id()[:8] if ray.is_initialized() else "local"
+    except Exception:
         node = "local"
     return f"{socket.gethostname()}/{node}/{os.getpid()}"

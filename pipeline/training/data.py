@@ -12,9 +12,12 @@ stem, stems taken from different tracks in part of each batch, and a mask for si
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +26,14 @@ import torch
 from tqdm import tqdm
 
 from model import STEMS
-from pipeline.audio import resample
-from pipeline.catalog.references import ReferenceTrack, list_references, read_references
+from pipeline.audio import AudioReader, StreamResampler
+from pipeline.catalog.references import ReferenceTrack, list_references, open_references
 from pipeline.settings import load_settings
 from pipeline.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = "1"
+_TAIL = 64  # mix samples kept per stage: the cut to a common length is within them
 
 
 class StageTrack:
@@ -67,15 +71,6 @@ def find_tracks(
     return tracks
 
 
-def _read_stems(
-    source: ReferenceTrack, storage_options: dict[str, Any] | None
-) -> tuple[np.ndarray, int]:
-    """The four stems of a track as (4, 2, samples) and their rate (mono stems duplicated)."""
-    audio, rate = read_references(source, STEMS, storage_options)
-    stems = [a if a.shape[0] == 2 else np.repeat(a[:1], 2, axis=0) for a in audio.values()]
-    return np.stack(stems), rate
-
-
 def default_cache_dir() -> Path:
     """``<cache_dir>/train``: the cache folder of the settings (``METASEP_CACHE_DIR``)."""
     return load_settings().cache_dir / "train"
@@ -107,18 +102,86 @@ def _cache_key(source: ReferenceTrack, rates: list[int]) -> str:
 def _write_cache(
     source: ReferenceTrack, rates: list[int], folder: Path, storage_options: dict[str, Any] | None
 ) -> None:
-    stacked, rate = _read_stems(source, storage_options)  # (4, 2, samples)
-    staged = [resample(stacked.reshape(-1, stacked.shape[-1]), rate, r) for r in rates]
-    base = min(s.shape[-1] // 2**i for i, s in enumerate(staged))
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, audio in enumerate(staged):
-        audio = audio[:, : base * 2**i].reshape(4, 2, -1)
-        mono_mix = audio.sum(0).mean(0)
-        audio = audio / max(float(mono_mix.std()), 1e-8)
-        partial = folder / f"stage{i}.{os.getpid()}.tmp.npy"  # unique: runs may share a cache
-        np.save(partial, audio.astype(np.float32))
-        os.replace(partial, folder / f"stage{i}.npy")
+    """``folder/stage<i>.npy``: the four stems (4, 2, base * 2**i) at each stage rate, divided
+    by the standard deviation of that stage's mono mix, as the release normalises them.
+
+    The stems are read block by block twice (the deviations, then the arrays written into
+    memory-mapped files), so memory does not grow with the track's length."""
+    with contextlib.ExitStack() as stack:
+        readers = open_references(stack, source, STEMS, storage_options)
+        statistics = [_MixStatistics() for _ in rates]
+        for stage, block in _staged_blocks(readers, rates):
+            statistics[stage].add(block.sum(0).mean(0))
+        base = min(s.count // 2**i for i, s in enumerate(statistics))
+        folder.mkdir(parents=True, exist_ok=True)
+        partials = [folder / f"stage{i}.{os.getpid()}.tmp.npy" for i in range(len(rates))]
+        scales = [s.deviation(base * 2**i) for i, s in enumerate(statistics)]
+        arrays = [
+            np.lib.format.open_memmap(path, "w+", np.float32, (4, 2, base * 2**i))
+            for i, path in enumerate(partials)  # unique names: runs may share a cache
+        ]
+        written = [0] * len(rates)
+        for stage, block in _staged_blocks(readers, rates):
+            block = block[..., : arrays[stage].shape[-1] - written[stage]]
+            arrays[stage][..., written[stage] : written[stage] + block.shape[-1]] = (
+                block / scales[stage]
+            )
+            written[stage] += block.shape[-1]
+        for array in arrays:
+            array.flush()
+        arrays.clear()
+        for i, partial in enumerate(partials):
+            os.replace(partial, folder / f"stage{i}.npy")
     (folder / "done").write_text(source.name)
+
+
+def _staged_blocks(
+    readers: dict[str, AudioReader], rates: list[int]
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(stage, (4, 2, n) block) of the stems at each stage rate, in order per stage; a mono
+    stem is used for both channels, a stem of more channels by its first."""
+    first = readers[STEMS[0]]
+    resamplers = [StreamResampler(first.rate, rate, 4 * 2) for rate in rates]
+    blocks = zip(*(readers[stem].blocks() for stem in STEMS), strict=True)
+    for parts in itertools.chain(blocks, [None]):
+        last = parts is None
+        if last:
+            stems = np.zeros((4 * 2, 0), np.float32)
+        else:
+            stems = np.concatenate(
+                [np.repeat(p[:1], 2, 0) if p.shape[0] != 2 else p for p in parts]
+            )
+        for stage, resampler in enumerate(resamplers):
+            staged = resampler.push(stems, last)
+            if staged.shape[-1]:
+                yield stage, staged.reshape(4, 2, -1)
+
+
+class _MixStatistics:
+    """A mono mix's sum and sum of squares, block by block; the last ``_TAIL`` samples are kept,
+    so that the deviation of a prefix cut a few samples short of the end can be had."""
+
+    def __init__(self) -> None:
+        self.count, self.sum, self.squares = 0, 0.0, 0.0
+        self.tail = np.zeros(0)
+
+    def add(self, mix: np.ndarray) -> None:
+        mix = mix.astype(np.float64)
+        self.count += mix.shape[0]
+        self.sum += float(mix.sum())
+        self.squares += float(np.dot(mix, mix))
+        self.tail = np.concatenate([self.tail, mix])[-_TAIL:]
+
+    def deviation(self, length: int) -> float:
+        """The standard deviation of the first ``length`` samples (at least 1e-8)."""
+        cut = self.count - length
+        if cut > self.tail.shape[0]:
+            raise RuntimeError("internal error: a stage's cut reaches past its kept tail")
+        dropped = self.tail[self.tail.shape[0] - cut :]
+        total = self.sum - float(dropped.sum())
+        squares = self.squares - float(np.dot(dropped, dropped))
+        mean = total / max(length, 1)
+        return max(float(np.sqrt(max(squares / max(length, 1) - mean * mean, 0.0))), 1e-8)
 
 
 Batch = tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]
