@@ -22,7 +22,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
@@ -298,6 +298,17 @@ class StreamResampler:
         else:
             parts = list(_resample_pool().map(run, self._streams, self._groups))
         return np.ascontiguousarray(np.concatenate(parts) if len(parts) > 1 else parts[0])
+
+    def stream(self, blocks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """The resampled signal of all of ``blocks``, flushed at their end, without empty
+        blocks."""
+        for block in itertools.chain(blocks, [None]):
+            last = block is None
+            if last:
+                block = np.zeros((self.channels, 0), np.float32)
+            block = self.push(block, last)
+            if block.shape[1]:
+                yield block
 
 
 _RESAMPLE_THREADS = 2  # parallel soxr streams per resampler

@@ -27,12 +27,7 @@ from model import STEMS
 from pipeline.audio import AudioError, AudioReader, open_audio
 from pipeline.catalog.listing import CatalogError, is_audio_name, source_version
 from pipeline.catalog.paths import short_hash
-from pipeline.catalog.storage import (
-    full_url,
-    open_audio_at,
-    open_location,
-    retry_storage,
-)
+from pipeline.catalog.storage import full_url, open_audio_at, open_location, retry_storage
 
 MIXTURE = "mixture"
 REFERENCE_NAMES = (MIXTURE, *STEMS)
@@ -143,9 +138,9 @@ def open_references(
 ) -> dict[str, AudioReader]:
     """Each of ``names`` open for block-wise reading (closed with ``stack``), in memory that
     does not grow with the track's length: objects are read as streams, and a .stem.mp4's
-    streams are decoded by ffmpeg to temporary files. Raises :class:`AudioError` as
-    for a file that is missing or unreadable, and when the files differ in rate, channels or
-    length (they are one track's stems), from the files' headers."""
+    streams are decoded by ffmpeg to temporary files. Raises :class:`AudioError` for a file
+    that is missing or unreadable, and when the files differ in rate, channels or length (they
+    are one track's stems, compared by their headers)."""
     missing = track.missing(names)
     if missing:
         raise AudioError(f"{track.location}: no {', '.join(f'{n}.wav' for n in missing)}")

@@ -11,7 +11,6 @@ becomes that track's error row; the run goes on, and a task whose worker died is
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 import pickle
@@ -323,11 +322,8 @@ class _Conformed:
         silence); ``natural`` counts the samples it had at the reference's rate."""
         resampler = StreamResampler(self.reader.rate, self.rate, self.reader.channels)
         written = self.natural = 0
-        for block in itertools.chain(self.reader.blocks(), [None]):
-            last = block is None
-            if last:
-                block = np.zeros((self.reader.channels, 0), np.float32)
-            block = self._channels(resampler.push(block, last))
+        for block in resampler.stream(self.reader.blocks()):
+            block = self._channels(block)
             self.natural += block.shape[1]
             block = block[:, : self.samples - written]
             written += block.shape[1]
@@ -354,35 +350,21 @@ class _Conformed:
 
 def _at_sisec_rate(blocks: Iterator[np.ndarray], reference: AudioReader) -> Iterator[np.ndarray]:
     """``blocks`` at the reference's rate, resampled to SiSEC's 44.1 kHz as one signal."""
-    resampler = StreamResampler(reference.rate, SISEC_RATE, reference.channels)
-    for block in itertools.chain(blocks, [None]):
-        last = block is None
-        if last:
-            block = np.zeros((reference.channels, 0), np.float32)
-        block = resampler.push(block, last)
-        if block.shape[1]:
-            yield block
+    return StreamResampler(reference.rate, SISEC_RATE, reference.channels).stream(blocks)
 
 
 def _in_step(signals: list[Iterator[np.ndarray]]) -> Iterator[list[np.ndarray]]:
     """Blocks of several signals of one length, cut to the same lengths."""
-    held: list[list[np.ndarray]] = [[] for _ in signals]
+    held: list[np.ndarray | None] = [None] * len(signals)
     while True:
-        for parts, signal in zip(held, signals, strict=True):
-            if not parts:
-                block = next(signal, None)
-                if block is not None:
-                    parts.append(block)
-        if not all(held):
-            if any(held):
+        held = [next(s, None) if h is None else h for h, s in zip(held, signals, strict=True)]
+        if any(h is None for h in held):
+            if any(h is not None for h in held):
                 raise RuntimeError("internal error: the signals of a track differ in length")
             return
-        size = min(parts[0].shape[1] for parts in held)
-        yield [parts[0][:, :size] for parts in held]
-        for parts in held:
-            parts[0] = parts[0][:, size:]
-            if not parts[0].shape[1]:
-                parts.pop()
+        size = min(h.shape[1] for h in held)
+        yield [h[:, :size] for h in held]
+        held = [h[:, size:] if h.shape[1] > size else None for h in held]
 
 
 def _unique(estimates: list[_Conformed]) -> list[_Conformed]:
