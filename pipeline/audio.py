@@ -9,7 +9,10 @@ that long tracks need not be held in memory. Every failure is an :class:`AudioEr
 names the input and says why in one line.
 
 Encoded outputs are written under a temporary name next to the destination and renamed when
-complete, so an interrupted run never leaves a file that looks finished.
+complete, so an interrupted run never leaves a file that looks finished. Integer PCM (the FLAC
+stems) holds samples within full scale only: a writer measures the peak of what it was given, and
+the writers of separated audio write a file again, scaled by :func:`headroom_gain`, when the peak
+went over (float WAV keeps any level as it is).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ FORMATS = {"flac": ("FLAC", "PCM_24"), "wav": ("WAV", "FLOAT")}  # the stem form
 _ENCODINGS = {**FORMATS, "wav16": ("WAV", "PCM_16")}
 _SET_ADD_PEAK_CHUNK = 0x1050  # libsndfile's SFC_SET_ADD_PEAK_CHUNK, which soundfile does not name
 _BLOCK = 1 << 18  # frames per block when reading whole files
+RESCALE_PEAK = 0.99  # where a rescaled file's peak lands (-0.09 dBFS), as Demucs' rescale puts it
 
 
 class AudioError(ValueError):
@@ -176,12 +180,20 @@ class AudioWriter:
         )
         os.close(descriptor)
         self._partial = Path(partial)
-        self._clip = subtype != "FLOAT"
+        self.clips = subtype != "FLOAT"  # integer PCM: samples beyond full scale are clipped
+        self.peak = 0.0  # the largest |sample| given to write (measured where the format clips)
         self._file = _open_for_writing(partial, rate, channels, format)
 
     def write(self, block: np.ndarray) -> None:
-        """Append a (channels, frames) block: int16 as it is, anything else as float32."""
-        self._file.write(_encodable(block, self._clip).T)
+        """Append a (channels, frames) block: int16 as it is, anything else as float32 (clipped
+        to [-1, 1] where the format is integer PCM, and its peak recorded in :attr:`peak`)."""
+        block = np.asarray(block)
+        if self.clips and block.dtype != np.int16 and block.size:
+            peak = float(max(block.max(), -block.min()))
+            self.peak = max(self.peak, peak)
+            if peak > 1.0:
+                block = np.clip(block, -1.0, 1.0)
+        self._file.write(_encodable(block, clip=False).T)
 
     def close(self) -> None:
         """Finish encoding (the data is complete under the temporary name; see commit)."""
@@ -227,6 +239,13 @@ def write_audio(
     _, subtype = _format(format)
     with _open_for_writing(destination, rate, audio.shape[0], format) as file:
         file.write(_encodable(audio, subtype != "FLOAT").T)
+
+
+def headroom_gain(peak: float) -> float:
+    """The gain a file whose samples peak at ``peak`` is written with, in a format that clips:
+    1 when it fits within full scale, else the gain that puts its peak at ``RESCALE_PEAK`` (the
+    whole file scaled, never clipped)."""
+    return 1.0 if peak <= 1.0 else RESCALE_PEAK / peak
 
 
 def _open_for_writing(

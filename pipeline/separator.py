@@ -41,6 +41,7 @@ import functools
 import hashlib
 import itertools
 import json
+import logging
 import math
 import os
 import platform
@@ -66,8 +67,11 @@ from pipeline.audio import (
     AudioReader,
     AudioWriter,
     StreamResampler,
+    headroom_gain,
     open_audio,
 )
+
+log = logging.getLogger(__name__)
 
 # Bump when a change alters the engine's output for the same options. 3: the device-resident
 # engine (on a CPU its output equals version 2's; on a GPU it resamples with torch, not soxr).
@@ -261,6 +265,7 @@ class SeparatedFile:
     rate: int
     channels: int
     frames: int  # samples per channel of each output
+    gains: dict[str, float]  # output name -> gain it was scaled by to stay within full scale
 
 
 class Separator:
@@ -381,8 +386,8 @@ class Separator:
         files cover exactly it, and the network still reads context around it (at least the
         window context on each side, and a whole window when the file has one). The unscaled
         stems go to an anonymous temporary file in ``destination``; each output is written under
-        a temporary name and renamed when done. ``progress`` and ``callback`` are as in
-        :meth:`separate`.
+        a temporary name and renamed when done, scaled where it would clip (see
+        :class:`_PendingFiles`). ``progress`` and ``callback`` are as in :meth:`separate`.
         """
         weights = _output_weights(outputs, format)
         with open_audio(path) as reader:
@@ -449,7 +454,9 @@ class Separator:
 
             def encode(index: int, sink: _SpoolSink) -> _PendingFiles:
                 source, folder = sources[index], folders[index]
-                return self._encode(sink, folder, weights, format, source.rate, encoders)
+                return self._encode(
+                    source.name, sink, folder, weights, format, source.rate, encoders
+                )
 
             pending = self._run(sources, progress, callback, strict, sinks, encode)
             results: list[SeparatedFile | Exception] = []
@@ -464,7 +471,9 @@ class Separator:
                     results.append(error)
                     continue
                 frames = outcome.sink.keep[1] - outcome.sink.keep[0]
-                results.append(SeparatedFile(paths, source.rate, source.channels, frames))
+                results.append(
+                    SeparatedFile(paths, source.rate, source.channels, frames, outcome.gains)
+                )
         for result, folder in zip(results, folders, strict=True):
             if isinstance(result, Exception) and folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
@@ -749,6 +758,7 @@ class Separator:
 
     def _encode(
         self,
+        name: str,
         sink: _SpoolSink,
         destination: Path,
         weights: dict[str, np.ndarray],
@@ -759,53 +769,97 @@ class Separator:
         """Start mixing the spooled stems into the output files (scaled by the least-squares
         coefficients), one pool task per file. With a phase clock (the bench) the files are
         also waited for here, so that the encode phase is timed on its own."""
-        paths = {name: destination / f"{name}.{format}" for name in weights}
-        tasks = [
-            functools.partial(_write_mix, sink, weights[name], path, format, rate)
-            for name, path in paths.items()
-        ]
+
+        def write(output: str, gain: float) -> Future:
+            path = destination / f"{output}.{format}"
+            return pool.submit(_write_mix, sink, weights[output] * gain, path, format, rate)
+
         if self.clock is None:
-            return _PendingFiles(sink, paths, [pool.submit(task) for task in tasks])
+            return _PendingFiles(name, sink, weights, write)
         with self._phase("encode"):
-            pending = _PendingFiles(sink, paths, [pool.submit(task) for task in tasks])
+            pending = _PendingFiles(name, sink, weights, write)
             pending.result()
         return pending
 
 
-@dataclass
 class _PendingFiles:
-    """Output files being written from one track's spool, each under a temporary name."""
+    """Output files being written from one track's spool, each under a temporary name.
 
-    sink: _SpoolSink
-    paths: dict[str, Path]
-    writes: list[Future]
-    _committed: bool = False
+    Where the format clips (FLAC), a track whose files went over full scale has them written
+    again, scaled (:func:`pipeline.audio.headroom_gain`): the outputs that are parts of the
+    mixture (weights of 0 and 1: stems, ``no_vocals``, karaoke) by one gain, so that they still
+    add up to it (scaled alike) and keep their balance, any other mix (a remix) by its own."""
+
+    def __init__(
+        self,
+        name: str,
+        sink: _SpoolSink,
+        weights: dict[str, np.ndarray],
+        write: Callable[[str, float], Future],
+    ) -> None:
+        self.name, self.sink, self._weights, self._write = name, sink, weights, write
+        self._writes = {name: write(name, 1.0) for name in weights}
+        self.paths: dict[str, Path] = {}
+        self.gains = dict.fromkeys(weights, 1.0)  # output -> the gain it was written with
 
     def result(self) -> dict[str, Path]:
         """The paths, once every file is written and renamed into place; if any failed, none
         is left behind (a track's outputs appear all together or not at all)."""
-        if self._committed:
+        if self.paths:
             return self.paths
-        writers, failure = [], None
-        for write in self.writes:
-            try:
-                writers.append(write.result())
-            except Exception as error:
-                failure = failure or error
+        writers = self._collect()
+        gains = _headroom_gains(self._weights, {name: w.peak for name, w in writers.items()})
+        if any(gain < 1.0 for gain in gains.values()):
+            for name, gain in gains.items():
+                if gain < 1.0:
+                    writers.pop(name).discard()
+                    self._writes[name] = self._write(name, gain)
+            writers.update(self._collect(set(self._writes) - set(writers), writers))
+            self.gains = gains
+            self._warn()
         committed: list[Path] = []
         try:
-            if failure is not None:
-                raise failure
-            for writer in writers:
+            for name, writer in writers.items():
                 committed.append(writer.commit())
-            self._committed = True
+                self.paths[name] = writer.path
         except Exception:
-            for writer in writers:
+            for writer in writers.values():
                 writer.discard()
             for path in committed:
                 path.unlink(missing_ok=True)
+            self.paths = {}
             raise
         return self.paths
+
+    def _collect(
+        self, names: set[str] | None = None, done: dict[str, AudioWriter] | None = None
+    ) -> dict[str, AudioWriter]:
+        """The finished writers of ``names`` (all outputs by default); when any write failed,
+        every writer (those of ``done`` too) is discarded and the first failure raised."""
+        writers, failure = {}, None
+        for name in names if names is not None else self._writes:
+            try:
+                writers[name] = self._writes[name].result()
+            except Exception as error:
+                failure = failure or error
+        if failure is not None:
+            for writer in (*writers.values(), *(done or {}).values()):
+                writer.discard()
+            raise failure
+        return writers
+
+    def _warn(self) -> None:
+        scaled = {name: gain for name, gain in self.gains.items() if gain < 1.0}
+        text = ", ".join(f"{name} {20 * math.log10(gain):+.2f} dB" for name, gain in scaled.items())
+        log.warning("%s: outputs would clip; written scaled (%s)", self.name, text)
+
+
+def _headroom_gains(weights: dict[str, np.ndarray], peaks: dict[str, float]) -> dict[str, float]:
+    """Per output, the gain that keeps it within full scale (1: as it is): one for all the parts
+    of the mixture (0/1 weights), from their largest peak; each other mix its own."""
+    parts = [name for name, weight in weights.items() if np.isin(weight, (0.0, 1.0)).all()]
+    shared = headroom_gain(max((peaks[name] for name in parts), default=0.0))
+    return {name: shared if name in parts else headroom_gain(peaks[name]) for name in weights}
 
 
 def _write_mix(

@@ -11,9 +11,11 @@ import pytest
 import soundfile as sf
 
 from pipeline.audio import (
+    RESCALE_PEAK,
     AudioError,
     AudioWriter,
     StreamResampler,
+    headroom_gain,
     open_audio,
     read_audio,
     resample,
@@ -121,6 +123,24 @@ def test_written_bytes_depend_on_the_samples_alone(tmp_path):
     written, _ = sf.read(tmp_path / "tones-wav16", dtype="int16", always_2d=True)
     assert sf.info(tmp_path / "tones-wav16").subtype == "PCM_16"
     assert np.array_equal(written.T, pcm)
+
+
+def test_a_writer_clips_integer_pcm_at_full_scale_and_measures_what_it_was_given(tmp_path):
+    """FLAC (24-bit) clips and records the peak that went over, so that a caller can write
+    the file again scaled (``headroom_gain``); float WAV keeps every level as it is."""
+    audio = tones() * 3  # peaks near 1.5
+    peak = float(np.abs(audio).max())
+    with AudioWriter(tmp_path / "loud.flac", RATE, 2) as writer:
+        for block in np.array_split(audio, 5, axis=1):
+            writer.write(block)
+    assert writer.peak == pytest.approx(peak)
+    clipped, _ = read_audio(tmp_path / "loud.flac")
+    np.testing.assert_allclose(clipped, np.clip(audio, -1, 1), atol=1e-6)
+    with AudioWriter(tmp_path / "loud.wav", RATE, 2, "wav") as writer:
+        writer.write(audio)
+    np.testing.assert_array_equal(read_audio(tmp_path / "loud.wav")[0], audio)
+    assert headroom_gain(0.7) == headroom_gain(1.0) == 1.0
+    assert headroom_gain(peak) * peak == pytest.approx(RESCALE_PEAK)
 
 
 @pytest.mark.parametrize(("source", "target"), [(44100, 32000), (22050, 16000), (8000, 48000)])

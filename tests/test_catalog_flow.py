@@ -32,6 +32,7 @@ REQUIRED_COLUMNS = {
     "duration_s",
     "sample_rate",
     "channels",
+    "gain_db",
     *(f"{stem}_uri" for stem in STEMS),
     "model_id",
     "options_hash",
@@ -106,7 +107,7 @@ def test_s3_catalog_is_separated_then_rerun_incrementally(
         seconds, rate, channels = GOOD_TRACKS[row["track_id"]]
         assert row["status"] == "ok" and row["error"] is None and row["run_id"] == first["run_id"]
         assert (row["sample_rate"], row["channels"]) == (rate, channels)
-        assert row["duration_s"] == pytest.approx(seconds, abs=1e-3)
+        assert row["duration_s"] == pytest.approx(seconds, abs=1e-3) and row["gain_db"] == 0
         assert row["source_version"].startswith("etag:") and row["model_id"]
         assert row["started_at"] <= row["finished_at"] and row["worker"]
         for stem in STEMS:
@@ -237,6 +238,17 @@ def test_separate_command_runs_the_flow_for_a_folder(
     assert "--karaoke is for files" in capsys.readouterr().err
     assert main(["separate", str(tmp_path / "nowhere" / "*.wav"), str(out)]) == 2
     assert "no audio files" in capsys.readouterr().err
+
+    # A float WAV far over full scale: its FLAC stems are scaled down together, not clipped.
+    (tmp_path / "loud").mkdir()
+    tone = 100 * np.sin(2 * np.pi * 200.0 * np.arange(11025) / 22050)
+    sf.write(tmp_path / "loud" / "loud.wav", np.stack([tone, tone / 2], 1), 22050, subtype="FLOAT")
+    assert main(["separate", str(tmp_path / "loud"), str(tmp_path / "loud-out"), *command[3:]]) == 0
+    assert "1 track(s) scaled down so that their stems do not clip" in capsys.readouterr().out
+    (row,) = manifest_rows(str(tmp_path / "loud-out"))
+    stems = {stem: read_audio(row[f"{stem}_uri"])[0] for stem in STEMS}
+    assert max(np.abs(audio).max() for audio in stems.values()) == pytest.approx(0.99, abs=1e-4)
+    assert row["gain_db"] < 0
 
 
 def test_cli_storage_options_reach_the_flow_but_not_its_recorded_parameters(

@@ -327,3 +327,48 @@ def test_a_network_that_gives_non_finite_values_fails_each_track_with_a_reason(t
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.flac"))
     with pytest.raises(FloatingPointError, match="non-finite"):
         separator.separate(bench_audio(1.5, rate), rate)
+
+
+def test_flac_outputs_that_would_clip_are_written_scaled_and_the_stems_by_one_gain(
+    separator, tmp_path
+):
+    """24-bit FLAC holds samples within full scale. A track whose outputs would go over is
+    written again, scaled: its stems by one gain, so that they keep their balance and still add
+    up to the (scaled) mixture; a remix by its own. A track within full scale is untouched."""
+    rate = 16000
+    outputs = {stem: tuple(float(i == k) for i in range(4)) for k, stem in enumerate(STEMS)}
+    outputs["remix"] = (0.0, 0.0, 0.5, 4.0)
+
+    def expected(audio: np.ndarray) -> dict[str, np.ndarray]:
+        stems = np.stack(list(separator.separate(audio, rate).values()))
+        return {name: np.einsum("s,sct->ct", np.float32(w), stems) for name, w in outputs.items()}
+
+    quiet = bench_audio(2.0, rate)
+    quiet_mixes = expected(quiet)
+    # The network hears the mixture normalised: louder input, proportionally louder stems.
+    loud = quiet * np.float32(3 / max(np.abs(quiet_mixes[stem]).max() for stem in STEMS))
+    loud_mixes = expected(loud)
+    jobs = []
+    for name, audio in (("quiet", quiet), ("loud", loud)):
+        write_audio(tmp_path / f"{name}.wav", audio, rate, format="wav")  # float keeps any level
+        jobs.append((tmp_path / f"{name}.wav", tmp_path / "out" / name))
+    quiet_result, loud_result = separator.separate_files(jobs, outputs, format="flac")
+
+    assert max(np.abs(mix).max() for mix in quiet_mixes.values()) < 1  # nothing to scale
+    assert quiet_result.gains == dict.fromkeys(outputs, 1.0)
+    for name, path in quiet_result.paths.items():
+        np.testing.assert_allclose(read_audio(path)[0], quiet_mixes[name], atol=1e-5)
+
+    stem_peak = max(np.abs(loud_mixes[stem]).max() for stem in STEMS)
+    remix_peak = np.abs(loud_mixes["remix"]).max()
+    assert stem_peak > 1 and remix_peak > 1 and abs(remix_peak / stem_peak - 1) > 0.01
+    expected_gains = {**dict.fromkeys(STEMS, 0.99 / stem_peak), "remix": 0.99 / remix_peak}
+    assert loud_result.gains == pytest.approx(expected_gains, rel=1e-5)
+    written = {name: read_audio(path)[0] for name, path in loud_result.paths.items()}
+    for name, audio in written.items():
+        np.testing.assert_allclose(audio, loud_mixes[name] * expected_gains[name], atol=1e-5)
+    assert max(np.abs(written[stem]).max() for stem in STEMS) == pytest.approx(0.99, abs=1e-5)
+    assert np.abs(written["remix"]).max() == pytest.approx(0.99, abs=1e-5)
+    assert sorted(p.name for p in (tmp_path / "out" / "loud").iterdir()) == sorted(
+        f"{name}.flac" for name in outputs
+    )  # the first, clipped writes are gone

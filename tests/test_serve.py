@@ -20,6 +20,7 @@ from pipeline.separator import Separator
 from pipeline.serve.app import ServerLimits, create_app
 from pipeline.serve.catalog import Catalog
 from pipeline.serve.jobs import DONE, ERROR, QUEUED, JobManager, QueueFull, probe_audio
+from pipeline.serve.mix import render_mix
 
 RATE = 22050
 
@@ -118,6 +119,26 @@ def test_remix_is_the_stems_times_the_gains(client, separated):
     assert np.abs(remix - sum(stems.values())).max() > 0.01  # the gains did change the mix
     flac = decode(client.get(job["remix"], params={"format": "flac"}).content)[0]
     np.testing.assert_allclose(flac, sum(stems.values()), atol=1e-4)  # missing gains are 1
+
+
+def test_a_flac_remix_that_would_clip_is_scaled_as_a_whole(tmp_path):
+    """Float WAV keeps a loud remix's peaks; 24-bit FLAC gets the same mix, scaled to fit."""
+    t = np.arange(RATE) / RATE
+    stems = {}
+    for k, stem in enumerate(STEMS):
+        stems[stem] = tmp_path / f"{stem}.flac"
+        tone = 0.5 * np.sin(2 * np.pi * 110.0 * (k + 1) * t)
+        write_audio(stems[stem], np.stack([tone, tone / 2]).astype(np.float32), RATE)
+    gains = dict.fromkeys(STEMS, 4.0)
+    loud = read_audio(render_mix(stems, gains, tmp_path / "remix.wav", "wav"))[0]
+    fitted = read_audio(render_mix(stems, gains, tmp_path / "remix.flac", "flac"))[0]
+    peak = np.abs(loud).max()
+    assert peak > 4  # the tones add up
+    np.testing.assert_allclose(fitted, loud * (0.99 / peak), atol=1e-6)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("remix")) == [
+        "remix.flac",
+        "remix.wav",
+    ]
 
 
 @pytest.mark.parametrize(

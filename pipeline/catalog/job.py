@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import posixpath
 import socket
@@ -78,6 +79,7 @@ class JobResult(RunTally):
 
     stopped_early: bool = False
     errors: list[tuple[str, str]] = field(default_factory=list)  # (track_id, message)
+    rescaled: list[tuple[str, float]] = field(default_factory=list)  # (track_id, gain_db)
     manifest_parts: list[str] = field(default_factory=list)
 
 
@@ -198,7 +200,7 @@ class SeparateWorker:
         audio_s = [r.frames / r.rate if isinstance(r, SeparatedFile) else 0.0 for r in results]
         share = [a / sum(audio_s) if sum(audio_s) else 1 / len(rows) for a in audio_s]
         out: dict[str, list[Any]] = {k: list(v) for k, v in batch.items()}
-        columns = ("error", "channels", "samples", "sample_rate", "worker", "started_at")
+        columns = ("error", "channels", "samples", "sample_rate", "gain_db", "worker", "started_at")
         for key in (*columns, "finished_at", "model_started", "model_seconds", "device_seconds"):
             out[key] = []
         for result, part in zip(results, share, strict=True):
@@ -207,6 +209,7 @@ class SeparateWorker:
             out["channels"].append(result.channels if ok else 0)
             out["samples"].append(result.frames if ok else 0)
             out["sample_rate"].append(result.rate if ok else 0)
+            out["gain_db"].append(gain_db(result.gains) if ok else 0.0)
             out["worker"].append(self.name)
             out["started_at"].append(started)
             out["finished_at"].append(ended)
@@ -272,6 +275,7 @@ def _manifest_row(row: dict[str, Any], config: JobConfig) -> dict[str, Any]:
         "duration_s": int(row["samples"]) / rate if rate else None,
         "sample_rate": rate or None,
         "channels": int(row["channels"]) or None,
+        "gain_db": float(row["gain_db"]) if ok else None,
         **{name: str(row[name]) if ok else None for name in _URI_COLUMNS},
         "model_id": config.model_id,
         "options_hash": config.options_hash,
@@ -282,12 +286,20 @@ def _manifest_row(row: dict[str, Any], config: JobConfig) -> dict[str, Any]:
     }
 
 
+def gain_db(gains: dict[str, float]) -> float:
+    """The level change of a track's stems, in dB: 0 unless they were scaled down to stay
+    within full scale (all by the same gain; see the engine's encoders)."""
+    return 20 * math.log10(min(gains.values(), default=1.0))
+
+
 def _account(result: JobResult, row: dict[str, Any]) -> None:
     """Add one result row to the run's counts and its worker's timing."""
     if row["error"]:
         result.error += 1
         result.errors.append((str(row["track_id"]), str(row["error"])))
         return
+    if float(row["gain_db"]) < 0:
+        result.rescaled.append((str(row["track_id"]), float(row["gain_db"])))
     result.count_ok(
         str(row["worker"]),
         audio_s=int(row["samples"]) / int(row["sample_rate"]),

@@ -38,6 +38,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("duration_s", pa.float64()),
         ("sample_rate", pa.int32()),
         ("channels", pa.int32()),
+        ("gain_db", pa.float64()),  # the stems' level change, < 0 where they would have clipped
         ("drums_uri", pa.string()),
         ("bass_uri", pa.string()),
         ("other_uri", pa.string()),

@@ -60,6 +60,11 @@ def build_summary(
             {"track_id": track_id, "error": message}
             for track_id, message in result.errors[:MAX_LISTED]
         ],
+        "rescaled_count": len(result.rescaled),
+        "rescaled": [
+            {"track_id": track_id, "gain_db": round(gain, 2)}
+            for track_id, gain in result.rescaled[:MAX_LISTED]
+        ],
     }
 
 
@@ -92,6 +97,15 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"  failed {error['track_id']}: {error['error']}")
     if tracks["error"] > 10:
         lines.append(f"  ... {tracks['error'] - 10} more failures in the manifest")
+    if summary.get("rescaled_count"):
+        shown = ", ".join(
+            f"{item['track_id']} ({item['gain_db']:+.2f} dB)" for item in summary["rescaled"][:5]
+        )
+        more = summary["rescaled_count"] - min(5, len(summary["rescaled"]))
+        lines.append(
+            f"  {summary['rescaled_count']} track(s) scaled down so that their stems do not clip: "
+            f"{shown}" + (f" and {more} more (manifest column gain_db)" if more else "")
+        )
     lines.append(f"stems: {summary['stems']}/")
     lines.append(f"manifest: {summary['manifest']}/ (one row per track and run)")
     return "\n".join(lines)

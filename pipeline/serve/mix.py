@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from model import STEMS
-from pipeline.audio import AudioError, AudioWriter, open_audio
+from pipeline.audio import AudioError, AudioReader, AudioWriter, headroom_gain, open_audio
 
 
 def render_mix(
@@ -18,7 +18,8 @@ def render_mix(
 ) -> Path:
     """Write ``sum(gains[k] * stems[k])`` to ``destination`` block by block (bounded memory).
 
-    WAV is 32-bit float, so a loud mix keeps its peaks; FLAC (24-bit) clips at full scale.
+    WAV is 32-bit float, so a loud mix keeps its peaks; a FLAC (24-bit) mix that would go over
+    full scale is written again, scaled as a whole (:func:`pipeline.audio.headroom_gain`).
     """
     with contextlib.ExitStack() as stack:
         readers = [stack.enter_context(open_audio(stems[stem])) for stem in STEMS]
@@ -30,7 +31,25 @@ def render_mix(
                     f"{reader.name}: does not match {first.name} (rate/channels/length)"
                 )
         weights = np.array([gains[stem] for stem in STEMS], dtype=np.float32)
-        with AudioWriter(destination, first.rate, first.channels, format) as writer:
-            for blocks in zip(*(reader.blocks() for reader in readers), strict=True):
-                writer.write(np.einsum("s,sct->ct", weights, np.stack(blocks)))
+        writer = _write(readers, weights, destination, format)
+        if (gain := headroom_gain(writer.peak)) < 1.0:
+            writer.discard()
+            writer = _write(readers, weights * np.float32(gain), destination, format)
+        writer.commit()
     return destination
+
+
+def _write(
+    readers: list[AudioReader], weights: np.ndarray, destination: Path, format: str
+) -> AudioWriter:
+    """The weighted sum of the readers' audio, complete under a temporary name (see commit)."""
+    first = readers[0]
+    writer = AudioWriter(destination, first.rate, first.channels, format)
+    try:
+        for blocks in zip(*(reader.blocks() for reader in readers), strict=True):
+            writer.write(np.einsum("s,sct->ct", weights, np.stack(blocks)))
+        writer.close()
+    except BaseException:
+        writer.discard()
+        raise
+    return writer
