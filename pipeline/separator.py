@@ -798,7 +798,7 @@ class _PendingFiles:
         write: Callable[[str, float], Future],
     ) -> None:
         self.name, self.sink, self._weights, self._write = name, sink, weights, write
-        self._writes = {name: write(name, 1.0) for name in weights}
+        self._writes = {output: write(output, 1.0) for output in weights}
         self.paths: dict[str, Path] = {}
         self.gains = dict.fromkeys(weights, 1.0)  # output -> the gain it was written with
 

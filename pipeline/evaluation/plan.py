@@ -16,9 +16,12 @@ from typing import Any
 from pipeline.catalog.paths import sanitized_key
 from pipeline.catalog.references import MIXTURE, ReferenceTrack
 from pipeline.evaluation.sources import EstimateTrack, Method
-from pipeline.scoring import SISEC_RATE
+from pipeline.scoring import SCORER_VERSION, SISEC_RATE
 
-SCORING = f"museval {version('museval')} BSSEval v4, {SISEC_RATE} Hz, 1 s windows and hops"
+SCORING = (
+    f"museval {version('museval')} BSSEval v4, {SISEC_RATE} Hz, 1 s windows and hops; "
+    f"metasep scorer {SCORER_VERSION}"
+)
 
 
 @dataclass(frozen=True)
