@@ -14,6 +14,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from pipeline.commands import UsageError
 from pipeline.settings import SettingsError
 
@@ -57,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        return int(args.handler(args) or 0)
+        with logging_redirect_tqdm():  # a log line mid-bar gets a line of its own
+            return int(args.handler(args) or 0)
     except (UsageError, SettingsError) as error:
         print(f"metasep {args.command}: error: {error}", file=sys.stderr)
         return 2

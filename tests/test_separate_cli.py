@@ -182,3 +182,21 @@ def test_a_missing_audio_file_is_no_such_file_at_once_without_prefect_or_ray(tmp
     assert result.returncode == 1, result.stderr
     assert "typo.wav: no such file" in result.stderr
     assert "loaded False False" in result.stdout
+
+
+def test_a_loud_file_is_scaled_not_clipped_and_the_command_says_so_on_its_own_line(
+    checkpoint, tmp_path
+):
+    """The warning comes while the files' progress bar is drawn: it gets a line of its own."""
+    song = tmp_path / "loud.wav"
+    sf.write(song, 300 * bench_audio(2.0).T, 44100, subtype="FLOAT")  # far over full scale
+    write_audio(tmp_path / "quiet.wav", bench_audio(1.0), 44100, format="wav")
+    files = [str(song), str(tmp_path / "quiet.wav")]
+    command = [sys.executable, "-m", "pipeline.cli", "separate", *files, "-o", str(tmp_path)]
+    done = subprocess.run([*command, "--checkpoint", checkpoint], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    shown = [line.rsplit("\r", 1)[-1] for line in done.stderr.split("\n")]
+    warned = [line for line in shown if "outputs would clip; written scaled" in line]
+    assert warned and all(line.startswith("WARNING pipeline.separator: ") for line in warned)
+    peaks = [np.abs(read_audio(tmp_path / "loud" / f"{stem}.flac")[0]).max() for stem in STEMS]
+    assert max(peaks) == pytest.approx(0.99, abs=1e-5)
