@@ -302,7 +302,8 @@ def _solve(gram: np.ndarray, targets: np.ndarray, copies: np.ndarray) -> np.ndar
     their unknowns are merged into the first's, the smaller system is solved as any other, and
     the result is split evenly among them. Where the matrix is singular anyway, the minimum-norm
     solution comes from LAPACK's complete orthogonal factorisation (``gelsy``) with numpy's
-    rank cut-off, as the SVD would give it in about half the time."""
+    rank cut-off, as the SVD would give it in half to two thirds of the time (5.5 against
+    10.9 s for 3,072 rows, 17.3 against 25.0 s for 4,096)."""
     n, sets, channels = targets.shape
     flat = targets.reshape(n, sets * channels)
     taps = n // copies.size

@@ -809,12 +809,12 @@ class _PendingFiles:
             return self.paths
         writers = self._collect()
         gains = _headroom_gains(self._weights, {name: w.peak for name, w in writers.items()})
-        if any(gain < 1.0 for gain in gains.values()):
-            for name, gain in gains.items():
-                if gain < 1.0:
-                    writers.pop(name).discard()
-                    self._writes[name] = self._write(name, gain)
-            writers.update(self._collect(set(self._writes) - set(writers), writers))
+        scaled = [name for name, gain in gains.items() if gain < 1.0]
+        if scaled:
+            for name in scaled:
+                writers.pop(name).discard()
+                self._writes[name] = self._write(name, gains[name])
+            writers.update(self._collect(scaled, writers))
             self.gains = gains
             self._warn()
         committed: list[Path] = []
@@ -832,7 +832,7 @@ class _PendingFiles:
         return self.paths
 
     def _collect(
-        self, names: set[str] | None = None, done: dict[str, AudioWriter] | None = None
+        self, names: list[str] | None = None, done: dict[str, AudioWriter] | None = None
     ) -> dict[str, AudioWriter]:
         """The finished writers of ``names`` (all outputs by default); when any write failed,
         every writer (those of ``done`` too) is discarded and the first failure raised."""

@@ -277,8 +277,8 @@ def _score(pair: Pair, storage_options: dict[str, Any] | None) -> tuple[Any, lis
         def blocks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
             signals = [_at_sisec_rate(references[t].blocks(), first) for t in pair.targets]
             signals += [_at_sisec_rate(e.blocks(), first) for e in _unique(estimates)]
+            count = len(pair.targets)
             for parts in _in_step(signals):
-                count = len(pair.targets)
                 estimated = parts[count:] * count if baseline else parts[count:]
                 yield np.stack(parts[:count]), np.stack(estimated)
 
