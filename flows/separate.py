@@ -122,15 +122,18 @@ def separate_catalog(
     run_id: str | None = None,
     flush_rows: int = 256,
     flush_seconds: float = 10.0,
+    tracks_per_call: int | None = None,
 ) -> dict[str, Any]:
     """Separate every audio file under ``source`` not yet done into ``destination``.
 
     Returns the run summary (also written to ``destination/runs/<run_id>.json``).
     ``workers`` defaults to one per GPU (``gpus_per_worker`` > 0) or to the CPUs left after one
     for decoding and upload. ``separator_options`` go to every worker's ``Separator``
-    (``segment``, ``context``, ``batch_size``). Parameters left ``None`` take their value from
-    the settings (``METASEP_*``); ``storage_options`` are merged over ``METASEP_STORAGE_OPTIONS``
-    and should hold no credentials, since Prefect records flow parameters.
+    (``segment``, ``context``, ``batch_size``); ``tracks_per_call`` is how many tracks a worker
+    separates together (default: 8 with GPUs, 1 without). Parameters left ``None`` take their
+    value from the settings (``METASEP_*``); ``storage_options`` are merged over
+    ``METASEP_STORAGE_OPTIONS`` and should hold no credentials, since Prefect records flow
+    parameters.
     """
     settings = settings_for_run(
         get_run_logger(),
@@ -181,6 +184,7 @@ def separate_catalog(
             fail_on_error=fail_on_error,
             flush_rows=flush_rows,
             flush_seconds=flush_seconds,
+            tracks_per_call=tracks_per_call or 0,
         )
         result = separate_tracks(plan.todo, model, config, ray_address) if plan.todo else None
     finally:

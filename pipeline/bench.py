@@ -58,6 +58,7 @@ from pipeline.separator import (
     DEFAULT_SEGMENT,
     PhaseClock,
     Separator,
+    default_tracks_per_call,
     keep_freed_memory,
 )
 
@@ -322,14 +323,18 @@ def _timed(device: torch.device, work: Any) -> float:
 
 
 def run_throughput(
-    model: MultiTasNet, options: BenchOptions, tracks: int, per_call: int | None = None
+    model: MultiTasNet,
+    options: BenchOptions,
+    tracks: int,
+    per_call: int | None = None,
+    calls: int = 1,
 ) -> dict[str, Any]:
     """``tracks`` different files of ``options.seconds`` through the catalog's model stage
     (:meth:`Separator.separate_files`, ``per_call`` tracks per call: by default as many as a
-    catalog worker on this device takes), in this process and without Ray: aggregate real-time
-    factor and, on CUDA, the fraction of the time the device spent in forward passes."""
-    from pipeline.catalog.job import GPU_TRACKS_PER_CALL
-
+    catalog worker on this device takes; ``calls`` calls at a time from as many threads, as an
+    actor taking several calls at once would run them), in this process and without Ray:
+    aggregate real-time factor and, on CUDA, the fraction of the time the device spent in
+    forward passes."""
     keep_freed_memory()
     _set_threads(options)
     results: dict[str, Any] = {**_describe(options), "tracks": tracks}
@@ -344,26 +349,25 @@ def run_throughput(
             list(pool.map(make_track, range(tracks)))
         separator = _separator(save_checkpoint(model, work / "model"), options)
         if per_call is None:
-            per_call = GPU_TRACKS_PER_CALL if separator.device.type == "cuda" else 1
+            per_call = default_tracks_per_call(separator.device)
         separator.separate(bench_audio(min(options.seconds, 4.0)), BENCH_RATE)  # warm-up
         separator.forward_events = [] if separator.device.type == "cuda" else None
         jobs = [(path, work / "stems" / path.stem) for path in sources]
+        groups = [jobs[k : k + per_call] for k in range(0, tracks, per_call)]
         _reset_device_peak(separator.device)
         started = time.perf_counter()
-        for k in range(0, tracks, per_call):
-            failed = [
-                r
-                for r in separator.separate_files(jobs[k : k + per_call])
-                if isinstance(r, Exception)
-            ]
-            if failed:
-                raise failed[0]
+        with ThreadPoolExecutor(calls) as callers:
+            for outcome in callers.map(separator.separate_files, groups):
+                failed = [r for r in outcome if isinstance(r, Exception)]
+                if failed:
+                    raise failed[0]
         _synchronize(separator.device)
         seconds = time.perf_counter() - started
     results.update(
         throughput_seconds=seconds,
         throughput_xrt=tracks * options.seconds / seconds,
         tracks_per_call=per_call,
+        calls_at_once=calls,
         batch_size_used=separator.batch_size,
         **_device_peak(separator.device, "throughput"),
     )

@@ -89,10 +89,15 @@ DEFAULT_SEGMENT = 30.0  # seconds of output per window
 DEFAULT_CONTEXT = 2.0  # seconds of context on each side of a segment
 DEFAULT_BATCH = 2  # windows (window x channel) per forward on a CPU: a stereo window
 MAX_AUTO_BATCH = 32  # the most windows per forward when the batch is picked from device memory
+GPU_TRACKS_PER_CALL = 8  # tracks a GPU separates together: their windows fill its forward passes
 _READ_BLOCK = 1 << 17  # source frames per read
 _WRITE_BLOCK = 1 << 17  # frames per block when writing files
 _COPY_DEPTH = 4  # device-to-host copies in flight before the oldest is waited for
 _FLOAT32 = np.dtype(np.float32).itemsize
+# The environment of a process that separates in threads it did not start (a Ray actor's task
+# threads): with one malloc arena from its start, every thread allocates where keep_freed_memory
+# keeps freed memory. mallopt can only limit the arenas made after it is called.
+ONE_ARENA_ENV = {"MALLOC_ARENA_MAX": "1"}
 
 # Output of separate_file: name -> weights of (drums, bass, other, vocals).
 Mixes = Mapping[str, Sequence[float]]
@@ -249,6 +254,14 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
     return "bfloat16"
 
 
+def default_tracks_per_call(device: str | torch.device) -> int:
+    """Tracks to separate together (:meth:`Separator.separate_files`) on ``device``: several on
+    a GPU, whose forward passes their windows fill and whose idle time their decoding and
+    encoding would otherwise be; one on a CPU, where a stereo window fills a forward pass and the
+    cores are the network's."""
+    return GPU_TRACKS_PER_CALL if torch.device(device).type != "cpu" else 1
+
+
 def _window_frames(model: MultiTasNet, segment: float, context: float) -> tuple[int, int]:
     """Segment and context in base-rate samples, rounded to the network's frame alignment."""
     if segment <= 0 or context < 0:
@@ -328,6 +341,9 @@ class Separator:
         self.align = frames_multiple(model)
         self.clock: PhaseClock | None = None  # set by the benchmark to time each phase
         self.forward_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] | None = None
+        # Calls from several threads share the device: their forward passes take turns (each
+        # call's host work, decoding, first passes and encoding, goes on meanwhile).
+        self._network_lock = threading.Lock()
 
     # ----------------------------------------------------------------------------------------
     # Public entry points
@@ -390,10 +406,8 @@ class Separator:
         :class:`_PendingFiles`). ``progress`` and ``callback`` are as in :meth:`separate`.
         """
         weights = _output_weights(outputs, format)
-        with open_audio(path) as reader:
-            first, stop = _excerpt(reader.frames, reader.rate, start, duration, reader.name)
-            source = self._excerpt_source(reader, first, stop)
-            keep = (first - source.first, stop - source.first)
+        with contextlib.ExitStack() as stack:
+            source, keep = self._open_excerpt(stack, path, start, duration)
             (result,) = self._to_files(
                 [source], [Path(destination)], [keep], weights, format, progress, callback, True
             )
@@ -405,25 +419,46 @@ class Separator:
         outputs: Mixes | None = None,
         format: str = "flac",
         progress: bool = False,
+        start: float = 0.0,
+        duration: float | None = None,
     ) -> list[SeparatedFile | Exception]:
         """Separate several (source, destination folder) pairs as :meth:`separate_file` does,
         their windows sharing forward passes, all streamed (memory does not grow with any
-        track's length). One entry per pair, in order: what was written, or the exception that
-        stopped that track (the others go on; its folder is removed if it made it)."""
+        track's length); ``start`` and ``duration`` choose the same excerpt of each. One entry
+        per pair, in order: what was written, or the exception that stopped that track (the
+        others go on; its folder is removed if it made it)."""
         weights = _output_weights(outputs, format)
         with contextlib.ExitStack() as stack:
             sources: list[_Source | Exception] = []
+            keeps: list[tuple[int, int]] = []
             for source, _ in jobs:
                 try:
-                    reader = stack.enter_context(open_audio(source))
-                    sources.append(_SpanSource(reader, 0, reader.frames))
+                    span, keep = self._open_excerpt(stack, source, start, duration)
                 except (AudioError, OSError) as error:
-                    sources.append(error)
+                    span, keep = error, (0, 0)
+                sources.append(span)
+                keeps.append(keep)
             folders = [Path(destination) for _, destination in jobs]
-            keeps = [
-                (0, s.reader.frames) if isinstance(s, _SpanSource) else (0, 0) for s in sources
-            ]
             return self._to_files(sources, folders, keeps, weights, format, progress, None, False)
+
+    def _open_excerpt(
+        self,
+        stack: contextlib.ExitStack,
+        path: str | Path | BinaryIO,
+        start: float,
+        duration: float | None,
+    ) -> tuple[_SpanSource, tuple[int, int]]:
+        """The frames the network reads for an excerpt of ``path`` (opened on ``stack``), and
+        the span of them that the files keep, counted from the first. The network reads at least
+        the context on each side and at least one whole window (as in a whole-file separation,
+        whose windows' GroupNorms take statistics over that long), as far as the file reaches."""
+        reader = stack.enter_context(open_audio(path))
+        first, stop = _excerpt(reader.frames, reader.rate, start, duration, reader.name)
+        ratio = reader.rate / self.config.sampling_rate
+        window = math.ceil((self.segment + 2 * self.context) * ratio)
+        margin = max(math.ceil(self.context * ratio), -(-(window - (stop - first)) // 2))
+        begin, end = max(0, first - margin), min(reader.frames, stop + margin)
+        return _SpanSource(reader, begin, end), (first - begin, stop - begin)
 
     def _to_files(
         self,
@@ -478,15 +513,6 @@ class Separator:
             if isinstance(result, Exception) and folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
         return results
-
-    def _excerpt_source(self, reader: AudioReader, first: int, stop: int) -> _SpanSource:
-        """The frames the network reads for the excerpt [first, stop): at least the context on
-        each side and at least one whole window (as in a whole-file separation, whose windows'
-        GroupNorms take statistics over that long), as far as the file reaches."""
-        ratio = reader.rate / self.config.sampling_rate
-        window = math.ceil((self.segment + 2 * self.context) * ratio)
-        margin = max(math.ceil(self.context * ratio), -(-(window - (stop - first)) // 2))
-        return _SpanSource(reader, max(0, first - margin), min(reader.frames, stop + margin))
 
     # ----------------------------------------------------------------------------------------
     # Measurement helpers (the benchmark compares these with the model's own paths)
@@ -635,10 +661,10 @@ class Separator:
         live = [item for item in batch if item.track.error is None]
         if not live:
             return
-        if self.batch_size is None:
-            self.batch_size = self._auto_batch(live[0])
         try:
-            with self._phase("network"):
+            with self._phase("network"), self._network_lock:
+                if self.batch_size is None:
+                    self.batch_size = self._auto_batch(live[0])
                 inputs = [
                     torch.stack([item.inputs[stage] for item in live]).unsqueeze(1)
                     for stage in range(len(self.stage_rates))
@@ -1331,15 +1357,22 @@ def keep_freed_memory() -> bool:
     shipped model, more for bfloat16. Here large blocks come from the heap and freed memory stays
     there for the next window: the process keeps its peak resident size until it ends, and the
     peak itself is higher (measured: +7% for the shipped model, +20% for the paper model in
-    float32, +1% in bfloat16). Returns whether the settings were applied."""
+    float32, +1% in bfloat16). All threads allocate from the heap's one arena, so this holds
+    in whichever thread the separation runs. Returns whether the settings were applied."""
     if platform.system() != "Linux":
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc (musl has no tunable allocator)
         return False
-    trim_threshold, mmap_max = -1, -4  # M_TRIM_THRESHOLD, M_MMAP_MAX from <malloc.h>
-    return bool(mallopt(trim_threshold, 2**31 - 1)) and bool(mallopt(mmap_max, 0))
+    trim_threshold, mmap_max, arena_max = -1, -4, -8  # M_TRIM_THRESHOLD etc. of <malloc.h>
+    # One arena for every thread: a thread's own arena lives in 64 MB heaps that glibc unmaps
+    # as soon as they are empty, whatever the trim threshold, so a separation called from a
+    # thread (a server's worker, an actor taking several calls) touched fresh pages again.
+    return all(
+        mallopt(option, value)
+        for option, value in ((trim_threshold, 2**31 - 1), (mmap_max, 0), (arena_max, 1))
+    )
 
 
 def least_squares(gram: np.ndarray, target: np.ndarray) -> np.ndarray:

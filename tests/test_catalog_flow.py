@@ -224,9 +224,11 @@ def test_separate_command_runs_the_flow_for_a_folder(
     (library / "broken.wav").write_text("a text file with an audio name")
     command = ["separate", str(library), str(out), "--checkpoint", tiny_checkpoint]
 
-    assert main([*command, "--format", "wav"]) == 1  # a track failed
+    assert main([*command, "--format", "wav", "--tracks-per-call", "3"]) == 1  # a track failed
     printed = capsys.readouterr()
     assert "3 planned: 2 ok, 1 failed" in printed.out and "failed broken.wav" in printed.out
+    rows = manifest_rows(str(out))  # one call of the worker's took all three
+    assert len(rows) == 3 and len({row["started_at"] for row in rows}) == 1
     for name in ("one", "two"):
         audio, rate = read_audio(out / "stems" / name / "vocals.wav")
         assert rate == 22050 and audio.shape == (2, 11025)

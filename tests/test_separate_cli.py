@@ -15,6 +15,7 @@ from model import STEMS, MultiTasNet, TasNetConfig, save_checkpoint
 from pipeline.audio import read_audio, write_audio
 from pipeline.bench import bench_audio
 from pipeline.cli import main
+from pipeline.separator import Separator
 
 SMALL = TasNetConfig(N=32, B=16, H=16, layers=4, stack=1, num_mels=16)
 
@@ -147,6 +148,9 @@ def test_bench_throughput_mode_runs_several_tracks_through_the_model_stage(check
     assert "gpu_busy_fraction" not in figures  # CUDA events only
     assert main([*command, "--tracks-per-call", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["tracks_per_call"] == 2
+    assert main([*command, "--tracks-per-call", "1", "--calls", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["calls_at_once"] == 2
+    assert main(["bench", "--config", checkpoint, "--calls", "2"]) == 2
     assert main(["bench", "--config", checkpoint, "--tracks", "0"]) == 2
     assert main(["bench", "--config", checkpoint, "--tracks-per-call", "2"]) == 2
     assert main([*command, "--profile", "profiles"]) == 2
@@ -200,3 +204,43 @@ def test_a_loud_file_is_scaled_not_clipped_and_the_command_says_so_on_its_own_li
     assert warned and all(line.startswith("WARNING pipeline.separator: ") for line in warned)
     peaks = [np.abs(read_audio(tmp_path / "loud" / f"{stem}.flac")[0]).max() for stem in STEMS]
     assert max(peaks) == pytest.approx(0.99, abs=1e-5)
+
+
+def test_files_separated_together_equal_one_at_a_time_and_a_bad_one_fails_alone(
+    checkpoint, tmp_path, capsys, monkeypatch
+):
+    """``--tracks-per-call 3`` hands the engine three files per call (on a GPU, the default of
+    eight fills its forward passes): the excerpt of each is as one at a time gives it, and an
+    unreadable file in the group is that file's error only."""
+    first, second, empty = tmp_path / "a.wav", tmp_path / "b.wav", tmp_path / "empty.wav"
+    write_audio(first, bench_audio(2.0, seed=0), 44100, format="wav")
+    write_audio(second, bench_audio(2.0, seed=2), 44100, format="wav")
+    empty.write_bytes(b"")
+    groups: list[int] = []
+    separate_files = Separator.separate_files
+
+    def counted(self, jobs, *args, **kwargs):
+        groups.append(len(jobs))
+        return separate_files(self, jobs, *args, **kwargs)
+
+    monkeypatch.setattr(Separator, "separate_files", counted)
+    options = ["--checkpoint", checkpoint, "--format", "wav", "--batch-size", "4"]
+    options += ["--start", "0.25", "--duration", "1"]
+    stems = {}
+    for per_call in (1, 3):
+        out = tmp_path / f"out{per_call}"
+        code = separate(first, empty, second, "-o", out, *options, "--tracks-per-call", per_call)
+        captured = capsys.readouterr()
+        assert code == 1
+        errors = [line for line in captured.err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and str(empty) in errors[0]
+        assert "separated 2 of 3 file(s)" in captured.out
+        assert sorted(p.name for p in out.iterdir()) == ["a", "b"]
+        stems[per_call] = {track: outputs(out / track) for track in ("a", "b")}
+    assert groups == [1, 1, 1, 3]
+    for track in ("a", "b"):
+        for stem in STEMS:
+            alone, together = stems[1][track][stem], stems[3][track][stem]
+            assert alone.shape == together.shape == (2, 44100)
+            np.testing.assert_allclose(together, alone, rtol=0, atol=1e-6, err_msg=track)
+    assert not np.allclose(stems[3]["a"]["drums"], stems[3]["b"]["drums"])

@@ -42,11 +42,10 @@ from pipeline.catalog.manifest import ManifestWriter
 from pipeline.catalog.paths import stem_paths
 from pipeline.catalog.runs import RunTally
 from pipeline.catalog.storage import full_url, open_location, open_source, upload_file
-from pipeline.separator import SeparatedFile
+from pipeline.separator import ONE_ARENA_ENV, SeparatedFile, default_tracks_per_call
 
 log = logging.getLogger(__name__)
 
-GPU_TRACKS_PER_CALL = 8  # a GPU worker's tracks per call: their windows fill its forward passes
 _TRACK_COLUMNS = ("track_id", "source_uri", "source_size", "source_version")
 _URI_COLUMNS = tuple(f"{stem}_uri" for stem in STEMS)
 
@@ -154,15 +153,17 @@ def _build_dataset(ray, rows: list[dict[str, Any]], model_ref: Any, config: JobC
         num_cpus=config.cpus_per_worker,
         num_gpus=config.gpus_per_worker,
         fn_constructor_kwargs={"model": model_ref, "config": config},
+        # Ray Data calls the worker from a thread of its own: one arena keeps freed memory there
+        runtime_env={"env_vars": ONE_ARENA_ENV},
     )  # Ray Data restarts dead actors and retries their tasks (max_restarts=-1) by default
 
 
 def tracks_per_call(config: JobConfig) -> int:
-    """Tracks a worker separates together: several on a GPU (their windows share forward
-    passes), one on a CPU (a stereo window already fills a CPU's forward pass)."""
+    """Tracks a worker separates together: as given, else the engine's default for the
+    workers' device (several on a GPU, one on a CPU)."""
     if config.tracks_per_call:
         return config.tracks_per_call
-    return GPU_TRACKS_PER_CALL if config.gpus_per_worker > 0 else 1
+    return default_tracks_per_call("cuda" if config.gpus_per_worker > 0 else "cpu")
 
 
 class SeparateWorker:

@@ -56,6 +56,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "a GPU and 1 on a CPU)",
     )
     parser.add_argument(
+        "--calls",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --tracks: calls at a time, from N threads sharing the model (default 1)",
+    )
+    parser.add_argument(
         "--kernels",
         choices=KERNELS,
         default="auto",
@@ -86,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--tracks must be at least 1")
     if args.tracks_per_call is not None and (args.tracks_per_call < 1 or not args.tracks):
         raise UsageError("--tracks-per-call must be at least 1 and goes with --tracks")
+    if args.calls < 1 or (args.calls > 1 and not args.tracks):
+        raise UsageError("--calls must be at least 1 and goes with --tracks")
     if args.profile and (args.tracks or args.engine_only):
         raise UsageError("--profile profiles the full bench: not with --tracks or --engine-only")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -121,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise UsageError(str(error).splitlines()[0]) from None
     if args.tracks:
-        figures = run_throughput(model, options, args.tracks, args.tracks_per_call)
+        figures = run_throughput(model, options, args.tracks, args.tracks_per_call, args.calls)
     else:
         figures = run_bench(model, options)
     results = {"config": args.config, "weights": weights, **figures}
@@ -157,7 +166,8 @@ def report(results: dict) -> str:
         lines.append(
             f"throughput: {results['throughput_xrt']:7.2f}x real time for {results['tracks']} "
             f"tracks together ({results['throughput_seconds']:.1f} s, "
-            f"{results['tracks_per_call']} per call, batch {results['batch_size_used']})"
+            f"{results['tracks_per_call']} per call, {results['calls_at_once']} call(s) at once, "
+            f"batch {results['batch_size_used']})"
             + (f", GPU busy {busy:.0%}" if busy is not None else "")
         )
         return "\n".join(lines)

@@ -55,6 +55,7 @@ def run_separate_command(args: argparse.Namespace, settings: Settings) -> int:
         separator_options=separator_options,
         fail_on_error=args.fail_on_error,
         run_id=args.run_id,
+        tracks_per_call=args.tracks_per_call,
     )
 
 
@@ -65,6 +66,7 @@ def run_catalog(
     separator_options: dict[str, Any] | None = None,
     fail_on_error: bool = False,
     run_id: str | None = None,
+    tracks_per_call: int | None = None,
 ) -> int:
     """Run the flow with ``settings``; exit code 0 when every track is done, 1 when any failed
     or was left. The settings are also passed as parameters (credentials aside, see
@@ -90,6 +92,7 @@ def run_catalog(
         stem_format=settings.stem_format,
         fail_on_error=fail_on_error,
         run_id=run_id,
+        tracks_per_call=tracks_per_call,
     )
     print(format_summary(summary))
     print(f"summary: {summary['summary_uri']}")

@@ -21,13 +21,21 @@ from model import STEMS, CheckpointError
 from pipeline.audio import FORMATS, AudioError
 from pipeline.commands import UsageError
 from pipeline.commands import catalog as catalog_run
-from pipeline.commands.options import add_catalog_arguments, argument_type, setting_help
+from pipeline.commands.options import (
+    add_catalog_arguments,
+    argument_type,
+    at_least_one,
+    setting_help,
+)
 from pipeline.separator import (
     DEFAULT_BATCH,
     DEFAULT_CONTEXT,
     DEFAULT_SEGMENT,
+    GPU_TRACKS_PER_CALL,
     PRECISION_CHOICES,
+    SeparatedFile,
     Separator,
+    default_tracks_per_call,
 )
 from pipeline.settings import Settings, settings_from_args
 from pipeline.stems import MAX_GAIN, parse_remix, parse_stems
@@ -95,6 +103,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="length of the excerpt in seconds (default: to the end)",
     )
     add_window_arguments(parser)
+    parser.add_argument(
+        "--tracks-per-call",
+        type=int,
+        metavar="N",
+        help="tracks separated together, their windows sharing forward passes (default: "
+        f"{GPU_TRACKS_PER_CALL} on a GPU, 1 on a CPU)",
+    )
     add_catalog_arguments(parser)
     parser.set_defaults(handler=run)
 
@@ -124,16 +139,17 @@ def add_window_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, stem_format="format")
+    at_least_one({"--tracks-per-call": args.tracks_per_call})
     if catalog_run.wants_catalog(args.files, settings.options()):
         return catalog_run.run_separate_command(args, settings)
     args.files = [Path(name) for name in args.files]
     outputs = requested_outputs(args.stems, args.two_stems, args.karaoke, args.remix)
     separator = build_separator(args, settings)
+    per_call = args.tracks_per_call or default_tracks_per_call(separator.device)
     started = time.perf_counter()
     failures: list[str] = []
     folders: dict[Path, Path] = {}
-    show_files = len(args.files) > 1
-    for path in tqdm(args.files, unit="file", disable=not show_files, desc="files"):
+    for path in args.files:
         destination = args.out / track_name(path)
         if destination in folders:
             failures.append(str(path))
@@ -142,19 +158,25 @@ def run(args: argparse.Namespace) -> int:
             )
             continue
         folders[destination] = path
-        try:
-            separator.separate_file(
-                path,
-                destination,
+    jobs = [(path, destination) for destination, path in folders.items()]
+    show_files = len(args.files) > 1
+    with tqdm(total=len(args.files), unit="file", disable=not show_files, desc="files") as bar:
+        bar.update(len(args.files) - len(jobs))
+        for first in range(0, len(jobs), per_call):
+            group = jobs[first : first + per_call]
+            results = separator.separate_files(
+                group,
                 outputs,
                 settings.stem_format,
                 progress=True,
                 start=args.start,
                 duration=args.duration,
             )
-        except (AudioError, OSError, FloatingPointError) as error:
-            failures.append(str(path))
-            _error(str(error) if isinstance(error, AudioError) else f"{path}: {error}")
+            for (path, _), result in zip(group, results, strict=True):
+                if not isinstance(result, SeparatedFile):
+                    failures.append(str(path))
+                    _error(_message(path, result))
+            bar.update(len(group))
     done = len(args.files) - len(failures)
     elapsed = time.perf_counter() - started
     print(
@@ -231,6 +253,12 @@ def _seconds(text: str) -> float:
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"{text!r}: seconds must be a finite number >= 0")
     return value
+
+
+def _message(path: Path, error: Exception) -> str:
+    """What went wrong with one file, naming it once (the engine's messages name their file)."""
+    text = str(error) or type(error).__name__
+    return text if isinstance(error, (AudioError, FloatingPointError)) else f"{path}: {text}"
 
 
 def _error(message: str) -> None:
