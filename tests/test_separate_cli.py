@@ -234,7 +234,7 @@ def test_files_separated_together_equal_one_at_a_time_and_a_bad_one_fails_alone(
         assert code == 1
         errors = [line for line in captured.err.splitlines() if "error:" in line]
         assert len(errors) == 1 and str(empty) in errors[0]
-        assert "separated 2 of 3 file(s)" in captured.out
+        assert "separated 2 of 3 file(s), 2.0 s of audio in " in captured.out  # two excerpts
         assert sorted(p.name for p in out.iterdir()) == ["a", "b"]
         stems[per_call] = {track: outputs(out / track) for track in ("a", "b")}
     assert groups == [1, 1, 1, 3]

@@ -148,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
     per_call = args.tracks_per_call or default_tracks_per_call(separator.device)
     started = time.perf_counter()
     failures: list[str] = []
+    audio_seconds = 0.0
     folders: dict[Path, Path] = {}
     for path in args.files:
         destination = args.out / track_name(path)
@@ -173,16 +174,19 @@ def run(args: argparse.Namespace) -> int:
                 duration=args.duration,
             )
             for (path, _), result in zip(group, results, strict=True):
-                if not isinstance(result, SeparatedFile):
+                if isinstance(result, SeparatedFile):
+                    audio_seconds += result.frames / result.rate
+                else:
                     failures.append(str(path))
                     _error(_message(path, result))
             bar.update(len(group))
     done = len(args.files) - len(failures)
     elapsed = time.perf_counter() - started
     print(
-        f"separated {done} of {len(args.files)} file(s) in {elapsed:.1f} s into {args.out}/"
-        f"<track>/ ({', '.join(outputs)} as .{settings.stem_format}; model {separator.model_id}, "
-        f"{separator.device}, {separator.precision})"
+        f"separated {done} of {len(args.files)} file(s), {audio_seconds:.1f} s of audio in "
+        f"{elapsed:.1f} s ({audio_seconds / elapsed:.2f} s of audio per second), into "
+        f"{args.out}/<track>/ ({', '.join(outputs)} as .{settings.stem_format}; model "
+        f"{separator.model_id}, {separator.device}, {separator.precision})"
     )
     if failures:
         print(f"failed: {', '.join(failures)}", file=sys.stderr)
