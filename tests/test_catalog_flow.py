@@ -287,3 +287,40 @@ def test_cli_storage_options_reach_the_flow_but_not_its_recorded_parameters(
     assert secret not in json.dumps(run.model_dump(mode="json")) + "".join(logs)
     (settings_line,) = [line for line in logs if line.startswith("settings:")]
     assert "'session_token': '***'" in settings_line and "'auto_mkdir': True" in settings_line
+
+
+def test_cpu_workers_of_a_local_cluster_compute_on_the_cpus_no_worker_holds(ray_local, tmp_path):
+    """On a machine of its own (a local Ray the run started: ``strict``), a CPU worker's network
+    takes its share of the CPUs left for decoding and upload, and the worker sets it; on a
+    cluster it joined, Ray's accounting stands (the CPUs each worker holds)."""
+    import math
+    from dataclasses import replace
+
+    import ray
+
+    from flows.separate import _size_workers
+    from pipeline.catalog.job import JobConfig, SeparateWorker
+    from pipeline.separator import Separator
+
+    cpus = ray.cluster_resources()["CPU"]
+    torch.manual_seed(0)
+    model = MultiTasNet(TasNetConfig(N=32, B=16, H=16, layers=2, stack=1, num_mels=16))
+    separator = Separator(model, device="cpu")
+    config = JobConfig(
+        destination=str(tmp_path),
+        run_id="threads",
+        model_id=separator.model_id,
+        options_hash=separator.options_hash,
+    )
+    sized = _size_workers(ray, config, strict=True)
+    assert sized.workers == max(1, math.floor(cpus - 1))
+    assert sized.network_threads == max(1, math.floor(cpus / sized.workers))
+    alone = _size_workers(ray, replace(config, workers=1), strict=True)
+    assert alone.network_threads == math.floor(cpus) > 1
+    assert _size_workers(ray, replace(config, workers=1), strict=False).network_threads == 0
+    threads = torch.get_num_threads()
+    try:
+        SeparateWorker(model, replace(alone, network_threads=threads + 1))
+        assert torch.get_num_threads() == threads + 1
+    finally:
+        torch.set_num_threads(threads)

@@ -64,6 +64,7 @@ class JobConfig:
     workers: int = 1
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
+    network_threads: int = 0  # torch threads of a worker's network (0: the CPUs it holds)
     tracks_per_call: int = 0  # tracks a worker separates together (0: by device, see below)
     storage_options: dict[str, Any] | None = None
     fail_on_error: bool = False
@@ -179,6 +180,8 @@ class SeparateWorker:
         if isinstance(model, ray.ObjectRef):
             model = ray.get(model)
         device = "cuda" if config.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
+        if config.network_threads:  # else Ray's OMP_NUM_THREADS: the CPUs the worker holds
+            torch.set_num_threads(config.network_threads)
         options = {"batch_size": None, **config.separator_options}  # None: by device memory
         self.separator = Separator(model, device=device, precision=config.precision, **options)
         if self.separator.device.type == "cuda":
