@@ -355,7 +355,7 @@ def run_throughput(
         jobs = [(path, work / "stems" / path.stem) for path in sources]
         groups = [jobs[k : k + per_call] for k in range(0, tracks, per_call)]
         _reset_device_peak(separator.device)
-        started = time.perf_counter()
+        started, host_started = time.perf_counter(), _host_cpu_seconds()
         with ThreadPoolExecutor(calls) as callers:
             for outcome in callers.map(separator.separate_files, groups):
                 failed = [r for r in outcome if isinstance(r, Exception)]
@@ -363,8 +363,13 @@ def run_throughput(
                     raise failed[0]
         _synchronize(separator.device)
         seconds = time.perf_counter() - started
+        host_seconds = _host_cpu_seconds() - host_started
     results.update(
         throughput_seconds=seconds,
+        # Whether the host is the limit: its cores' time (all threads) per second of the run
+        host_cpu_seconds=host_seconds,
+        host_cores_busy=host_seconds / seconds,
+        host_cores=os.cpu_count(),
         throughput_xrt=tracks * options.seconds / seconds,
         tracks_per_call=per_call,
         calls_at_once=calls,
@@ -424,6 +429,12 @@ def _in_fresh_process(function: Any, *args: Any) -> dict[str, Any]:
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
         return pool.submit(function, *args).result()
+
+
+def _host_cpu_seconds() -> float:
+    """User and system CPU time of this process so far, all its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _peak_rss_mb() -> float:

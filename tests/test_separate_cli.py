@@ -146,6 +146,10 @@ def test_bench_throughput_mode_runs_several_tracks_through_the_model_stage(check
     assert figures["tracks"] == 3 and figures["tracks_per_call"] == 1  # one per call on a CPU
     assert figures["throughput_xrt"] == pytest.approx(3 * 2 / figures["throughput_seconds"])
     assert "gpu_busy_fraction" not in figures  # CUDA events only
+    assert figures["host_cpu_seconds"] > 0 and figures["host_cores"] >= 1
+    assert figures["host_cores_busy"] == pytest.approx(
+        figures["host_cpu_seconds"] / figures["throughput_seconds"]
+    )
     assert main([*command, "--tracks-per-call", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["tracks_per_call"] == 2
     assert main([*command, "--tracks-per-call", "1", "--calls", "2"]) == 0

@@ -167,7 +167,8 @@ def report(results: dict) -> str:
             f"throughput: {results['throughput_xrt']:7.2f}x real time for {results['tracks']} "
             f"tracks together ({results['throughput_seconds']:.1f} s, "
             f"{results['tracks_per_call']} per call, {results['calls_at_once']} call(s) at once, "
-            f"batch {results['batch_size_used']})"
+            f"batch {results['batch_size_used']}), host cores busy "
+            f"{results['host_cores_busy']:.1f} of {results['host_cores']}"
             + (f", GPU busy {busy:.0%}" if busy is not None else "")
         )
         return "\n".join(lines)
