@@ -1357,8 +1357,9 @@ def keep_freed_memory() -> bool:
     shipped model, more for bfloat16. Here large blocks come from the heap and freed memory stays
     there for the next window: the process keeps its peak resident size until it ends, and the
     peak itself is higher (measured: +7% for the shipped model, +20% for the paper model in
-    float32, +1% in bfloat16). All threads allocate from the heap's one arena, so this holds
-    in whichever thread the separation runs. Returns whether the settings were applied."""
+    float32, +1% in bfloat16). Threads made after this call allocate from the same arena, so
+    it holds in them too (threads made before keep their own arenas: see ``ONE_ARENA_ENV``).
+    Returns whether the settings were applied."""
     if platform.system() != "Linux":
         return False
     try:
@@ -1366,9 +1367,9 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # not glibc (musl has no tunable allocator)
         return False
     trim_threshold, mmap_max, arena_max = -1, -4, -8  # M_TRIM_THRESHOLD etc. of <malloc.h>
-    # One arena for every thread: a thread's own arena lives in 64 MB heaps that glibc unmaps
-    # as soon as they are empty, whatever the trim threshold, so a separation called from a
-    # thread (a server's worker, an actor taking several calls) touched fresh pages again.
+    # One arena for the threads to come: a thread's own arena lives in 64 MB heaps that glibc
+    # unmaps as soon as they are empty, whatever the trim threshold, so a separation called from
+    # a thread (a server's worker) touched fresh pages again.
     return all(
         mallopt(option, value)
         for option, value in ((trim_threshold, 2**31 - 1), (mmap_max, 0), (arena_max, 1))

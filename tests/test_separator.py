@@ -363,9 +363,9 @@ def test_files_separated_together_fail_alone(separator, tmp_path):
 def test_calls_from_several_threads_take_turns_on_the_network_and_get_their_own_stems(
     model, tmp_path
 ):
-    """A catalog actor may take several calls at once: their forward passes take turns (one
-    compiled graph, one device queue), their host work overlaps, and every track gets the stems
-    it gets alone."""
+    """A server or an actor taking several calls at once shares one separator: the calls'
+    forward passes take turns (one compiled graph, one device queue), their host work overlaps,
+    and every track gets the stems it gets alone."""
     separator = Separator(model, device="cpu", segment=1.0, context=0.25, batch_size=4)
     rate = 22050
     jobs = []
