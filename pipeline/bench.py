@@ -20,7 +20,8 @@ One run of :func:`run_bench` measures, on the same stereo audio and the same wei
 :func:`run_throughput` is the catalog's view: N different tracks through the model stage of a
 catalog worker (:meth:`Separator.separate_files`, several tracks per call on a GPU), in one
 process without Ray, for the aggregate real-time factor and, on CUDA, the GPU-busy fraction
-(CUDA events around every forward pass).
+(CUDA events around every forward pass). :func:`count_ops` counts the ops the engine dispatches
+outside its forward passes per minute of audio, the host work that bounds it on a GPU.
 
 Each timed path runs in a fresh process (``spawn``), so its peak resident memory is its own:
 Python, torch, the weights and the work, and nothing left over from the other path or from making
@@ -380,6 +381,48 @@ def run_throughput(
         busy = sum(a.elapsed_time(b) for a, b in separator.forward_events) / 1000
         results["gpu_busy_fraction"] = busy / seconds
     return results
+
+
+def count_ops(model: MultiTasNet, options: BenchOptions) -> dict[str, Any]:
+    """The ops the engine dispatches outside the network per minute of audio, by phase.
+
+    On a GPU each op is a trip through the dispatcher on the engine's thread and most are a
+    kernel launch: with a network as fast as a GPU makes it, that host work bounds the engine's
+    speed. The ops are the same on any device, so they are counted here on CPU tensors along the
+    device path (the torch resampler), for :meth:`Separator.separate` of ``options.seconds`` of
+    :func:`bench_audio`; ops inside forward passes are left out (on CUDA those are compiled
+    kernels). Phases as the engine's :class:`PhaseClock` names them; ``other`` is between them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    separator = Separator(
+        model,
+        "cpu",
+        "float32",
+        options.segment,
+        options.context,
+        options.batch_size,
+        resampler="torch",
+        kernels="eager",
+    )
+    clock = separator.clock = PhaseClock(separator.device)
+    counts: dict[str, int] = {}
+
+    class Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            phase = clock.current or "other"
+            if phase != "network":
+                counts[phase] = counts.get(phase, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    audio = bench_audio(options.seconds)
+    with Counter():
+        separator.separate(audio, BENCH_RATE)
+    per_minute = {phase: count * 60 / options.seconds for phase, count in counts.items()}
+    return {
+        **_describe(options),
+        "ops_per_minute": sum(per_minute.values()),
+        **{f"ops_per_minute_{phase}": value for phase, value in sorted(per_minute.items())},
+    }
 
 
 def _reference_job(checkpoint: Path, work: Path, options: BenchOptions) -> dict[str, Any]:

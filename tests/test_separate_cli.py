@@ -160,6 +160,19 @@ def test_bench_throughput_mode_runs_several_tracks_through_the_model_stage(check
     assert main([*command, "--profile", "profiles"]) == 2
 
 
+def test_bench_counts_the_ops_dispatched_outside_the_network(checkpoint, capsys):
+    command = ["bench", "--config", checkpoint, "--seconds", "20", "--count-ops", "--json"]
+    assert main(command) == 0
+    figures = json.loads(capsys.readouterr().out)
+    phases = {key[15:]: figures[key] for key in figures if key.startswith("ops_per_minute_")}
+    assert {"resample_in", "resample_out", "other"} <= set(phases) and "network" not in phases
+    assert all(count > 0 for count in phases.values())
+    assert figures["ops_per_minute"] == pytest.approx(sum(phases.values()))
+    assert main([*command[:-1]]) == 0
+    assert "per minute of audio outside the network" in capsys.readouterr().out
+    assert main([*command, "--tracks", "2"]) == 2
+
+
 @pytest.mark.slow  # a fresh Python process
 def test_bench_memory_of_a_fresh_process_is_its_own():
     """The timed paths run in spawned processes; their peak must not include the parent's."""

@@ -63,6 +63,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="with --tracks: calls at a time, from N threads sharing the model (default 1)",
     )
     parser.add_argument(
+        "--count-ops",
+        action="store_true",
+        help="count the ops the engine dispatches outside the network per minute of audio, by "
+        "phase (on a GPU each is host work on the engine's thread), on CPU tensors along the "
+        "device path; nothing is timed",
+    )
+    parser.add_argument(
         "--kernels",
         choices=KERNELS,
         default="auto",
@@ -82,7 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from pipeline.bench import BenchOptions, bench_model, run_bench, run_throughput
+    from pipeline.bench import BenchOptions, bench_model, count_ops, run_bench, run_throughput
     from pipeline.separator import Separator
 
     if not (math.isfinite(args.seconds) and args.seconds > 0):
@@ -97,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--calls must be at least 1 and goes with --tracks")
     if args.profile and (args.tracks or args.engine_only):
         raise UsageError("--profile profiles the full bench: not with --tracks or --engine-only")
+    if args.count_ops and (args.tracks or args.engine_only or args.profile):
+        raise UsageError("--count-ops counts alone: not with --tracks, --engine-only or --profile")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     args.precision = resolve_precision(args.precision, device)
     try:
@@ -129,7 +138,9 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         raise UsageError(str(error).splitlines()[0]) from None
-    if args.tracks:
+    if args.count_ops:
+        figures = count_ops(model, options)
+    elif args.tracks:
         figures = run_throughput(model, options, args.tracks, args.tracks_per_call, args.calls)
     else:
         figures = run_bench(model, options)
@@ -161,6 +172,14 @@ def report(results: dict) -> str:
         f"{results['segment']:g} s + {results['context']:g} s context, batch "
         f"{results['batch_size'] or 'auto'}",
     ]
+    if "ops_per_minute" in results:
+        phases = {k[15:]: v for k, v in results.items() if k.startswith("ops_per_minute_")}
+        lines.append(
+            f"ops:       {results['ops_per_minute']:.0f} per minute of audio outside the network "
+            "(" + ", ".join(f"{name} {value:.0f}" for name, value in phases.items()) + "), "
+            "counted on CPU tensors along the device path"
+        )
+        return "\n".join(lines)
     if "throughput_xrt" in results:
         busy = results.get("gpu_busy_fraction")
         lines.append(
