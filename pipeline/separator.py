@@ -90,10 +90,11 @@ DEFAULT_CONTEXT = 2.0  # seconds of context on each side of a segment
 DEFAULT_BATCH = 2  # windows (window x channel) per forward on a CPU: a stereo window
 MAX_AUTO_BATCH = 32  # the most windows per forward when the batch is picked from device memory
 GPU_TRACKS_PER_CALL = 8  # tracks a GPU separates together: their windows fill its forward passes
-# Source frames per read (12 s at 44.1 kHz). Each block costs every stage's resampler a dozen
-# ops, each a kernel launch on a GPU: with 3 s blocks they were most of the engine's ops outside
-# the network; on a CPU the size makes no difference (measured, README).
-_READ_BLOCK = 1 << 19
+# Source frames per read: 3 s at 44.1 kHz for soxr (a CPU), 12 s for the torch resampler (the
+# device path), where each block costs every stage's resampler a dozen ops, each a kernel launch
+# on a GPU: with 3 s blocks they were most of the engine's ops outside the network. On a CPU the
+# larger blocks were no faster (README).
+_READ_BLOCK = {"soxr": 1 << 17, "torch": 1 << 19}
 _WRITE_BLOCK = 1 << 17  # frames per block when writing files
 _COPY_DEPTH = 4  # device-to-host copies in flight before the oldest is waited for
 _FLOAT32 = np.dtype(np.float32).itemsize
@@ -764,9 +765,9 @@ class Separator:
         """The source's blocks as float32 tensors on the device (pinned, asynchronous copies).
         An array goes up to a GPU once, whole, and both passes read it there."""
         if isinstance(source, _ArraySource) and self.device.type == "cuda":
-            yield from source.on(self.device).split(_READ_BLOCK, dim=1)
+            yield from source.on(self.device).split(_READ_BLOCK[self.resampler], dim=1)
             return
-        blocks = source.blocks(_READ_BLOCK)
+        blocks = source.blocks(_READ_BLOCK[self.resampler])
         if self.clock is None:  # with a phase clock, decoding is timed where it happens
             blocks = _read_ahead(blocks)
         while True:
