@@ -22,7 +22,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.ray_session import connect_ray, disconnect_ray
 from model import CheckpointError, load_checkpoint
-from pipeline.audio import FORMATS
+from pipeline.audio import FORMAT_NAMES, FORMATS
 from pipeline.catalog.job import (
     JobConfig,
     JobResult,
@@ -152,7 +152,7 @@ def separate_catalog(
     precision = resolve_precision(settings.precision, "cuda" if gpus_per_worker > 0 else "cpu")
     stem_format, storage_options = settings.stem_format, settings.options()
     if stem_format not in FORMATS:
-        raise CatalogError(f"stem format must be one of {', '.join(FORMATS)}")
+        raise CatalogError(f"stem format must be one of {FORMAT_NAMES}")
     for location in (source, destination):
         if str(location).startswith("memory://"):
             raise CatalogError(

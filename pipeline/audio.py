@@ -10,7 +10,7 @@ names the input and says why in one line.
 
 Encoded outputs are written under a temporary name next to the destination and renamed when
 complete, so an interrupted run never leaves a file that looks finished. Integer PCM (the FLAC
-stems) holds samples within full scale only: a writer measures the peak of what it was given, and
+stems) and MP3 hold samples within full scale only: a writer measures the peak of what it was given, and
 the writers of separated audio write a file again, scaled by :func:`headroom_gain`, when the peak
 went over (float WAV keeps any level as it is).
 """
@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import itertools
 import math
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -35,7 +37,10 @@ import soundfile as sf
 import soxr
 import torch
 
-FORMATS = {"flac": ("FLAC", "PCM_24"), "wav": ("WAV", "FLOAT")}  # the stem formats users pick
+# The stem formats users pick: 24-bit FLAC, 32-bit float WAV, MP3 at 320 kbps (lossy, for
+# listening; libsndfile reads it back gapless, sample-aligned with the source)
+FORMATS = {"flac": ("FLAC", "PCM_24"), "wav": ("WAV", "FLOAT"), "mp3": ("MP3", "MPEG_LAYER_III")}
+FORMAT_NAMES = ", ".join(FORMATS)  # for messages: "flac, wav, mp3"
 # Encodings the project also writes but offers no user to pick: 16-bit PCM WAV, for the datasets
 # of ``metasep synth``, whose int16 samples go to the file as they are (exact sums of stems).
 _ENCODINGS = {**FORMATS, "wav16": ("WAV", "PCM_16")}
@@ -175,14 +180,10 @@ class AudioWriter:
         _, subtype = _format(format)
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, partial = tempfile.mkstemp(
-            prefix=f".{self.path.name}.", suffix=".partial", dir=self.path.parent
-        )
-        os.close(descriptor)
-        self._partial = Path(partial)
+        self._partial = _new_partial(self.path)
         self.clips = subtype != "FLOAT"  # integer PCM: samples beyond full scale are clipped
         self.peak = 0.0  # the largest |sample| given to write (measured where the format clips)
-        self._file = _open_for_writing(partial, rate, channels, format)
+        self._file = _open_for_writing(self._partial, rate, channels, format)
 
     def write(self, block: np.ndarray) -> None:
         """Append a (channels, frames) block: int16 as it is, anything else as float32 (clipped
@@ -219,6 +220,19 @@ class AudioWriter:
             self.discard()
 
 
+def _new_partial(path: Path) -> Path:
+    """A new empty file beside ``path`` under a unique temporary name, with the permissions of
+    any new file (0666 less the umask), which the rename into place keeps: mkstemp's 0600 left
+    stems that only the account that separated them could read."""
+    while True:
+        partial = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+        try:
+            os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return partial
+
+
 def write_audio(
     destination: str | Path | BinaryIO, audio: np.ndarray, rate: int, format: str = "flac"
 ) -> None:
@@ -248,17 +262,33 @@ def headroom_gain(peak: float) -> float:
     return 1.0 if peak <= 1.0 else RESCALE_PEAK / peak
 
 
+def check_writable(name: str, format: str, rate: int, channels: int) -> None:
+    """Raise an :class:`AudioError` naming ``name`` if ``format`` cannot hold audio of ``rate``
+    and ``channels`` (MP3: one or two channels at 8 to 48 kHz; FLAC: at most eight channels), so
+    that a track fails before it is separated rather than when its files are written. libsndfile
+    refuses such a file when it opens it, so one is opened in memory."""
+    try:
+        _open_for_writing(io.BytesIO(), rate, channels, format).close()
+    except sf.LibsndfileError:
+        raise AudioError(
+            f"{name}: {format} files cannot hold {channels} channel(s) at {rate} Hz "
+            "(wav holds any); choose another format"
+        ) from None
+
+
 def _open_for_writing(
     target: str | Path | BinaryIO, rate: int, channels: int, format: str
 ) -> sf.SoundFile:
     """A file open for writing in ``format``, whose bytes will depend on the samples alone.
 
     libsndfile adds a PEAK chunk to float WAV files with the time of writing in it, so two
-    writes of the same audio would differ; it is switched off (readers do not need it).
+    writes of the same audio would differ; it is switched off (readers do not need it). MP3 is
+    written at a constant 320 kbps, its highest bitrate (Demucs' default too).
     """
     container, subtype = _format(format)
+    mp3 = {"compression_level": 0.0, "bitrate_mode": "CONSTANT"} if container == "MP3" else {}
     file = sf.SoundFile(
-        target, "w", samplerate=rate, channels=channels, format=container, subtype=subtype
+        target, "w", samplerate=rate, channels=channels, format=container, subtype=subtype, **mp3
     )
     if container == "WAV" and subtype == "FLOAT":
         sf._snd.sf_command(file._file, _SET_ADD_PEAK_CHUNK, sf._ffi.NULL, sf._snd.SF_FALSE)
@@ -500,7 +530,7 @@ def _format(format: str) -> tuple[str, str]:
     try:
         return _ENCODINGS[format]
     except KeyError:
-        raise ValueError(f"unknown audio format {format!r} (use {' or '.join(FORMATS)})") from None
+        raise ValueError(f"unknown audio format {format!r} (use {FORMAT_NAMES})") from None
 
 
 def _name(source: str | Path | BinaryIO) -> str:

@@ -62,11 +62,13 @@ from tqdm import tqdm
 from model import STEMS, MultiTasNet, load_checkpoint
 from model.frozen import FrozenTasNet, frames_multiple
 from pipeline.audio import (
+    FORMAT_NAMES,
     FORMATS,
     AudioError,
     AudioReader,
     AudioWriter,
     StreamResampler,
+    check_writable,
     headroom_gain,
     open_audio,
 )
@@ -485,6 +487,7 @@ class Separator:
         A track is encoded as soon as its last window is out of the network, in a thread pool
         (one task per output file; libsndfile releases the GIL), while the device goes on with
         the other tracks' windows."""
+        sources = [_writable(source, format, strict) for source in sources]
         with contextlib.ExitStack() as stack:
             sinks: list[_Sink | None] = []
             for source, folder, keep in zip(sources, folders, keeps, strict=True):
@@ -1467,10 +1470,24 @@ def _digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
+def _writable(source: _Source | Exception, format: str, strict: bool) -> _Source | Exception:
+    """``source``, or the AudioError that ``format`` cannot hold its rate and channels (raised
+    when ``strict``): found before the source is separated, not when its files are written."""
+    if isinstance(source, Exception):
+        return source
+    try:
+        check_writable(source.name, format, source.rate, source.channels)
+    except AudioError as error:
+        if strict:
+            raise
+        return error
+    return source
+
+
 def _output_weights(outputs: Mixes | None, format: str) -> dict[str, np.ndarray]:
     """Output name -> its weights of (drums, bass, other, vocals), checked with the format."""
     if format not in FORMATS:
-        raise ValueError(f"unknown audio format {format!r} (use {' or '.join(FORMATS)})")
+        raise ValueError(f"unknown audio format {format!r} (use {FORMAT_NAMES})")
     weights = {name: np.asarray(w, dtype=np.float64) for name, w in (outputs or FOUR_STEMS).items()}
     if any(w.shape != (len(STEMS),) for w in weights.values()):
         raise ValueError(f"each output needs {len(STEMS)} weights, one per stem")

@@ -98,7 +98,9 @@ class Settings(BaseSettings):
         description="auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16 or "
         "float16",
     )
-    stem_format: str = Field("flac", description="stem files: flac (24-bit) or wav")
+    stem_format: str = Field(
+        "flac", description="stem files: flac (24-bit), wav (32-bit float) or mp3 (320 kbps)"
+    )
     cache_dir: Path = Field(
         default_factory=lambda: Path.home() / ".cache" / "metasep",
         description="metasep's cache folder (training keeps resampled tracks in its train/)",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import itertools
+import os
+import stat
 import subprocess
 
 import numpy as np
@@ -15,6 +17,7 @@ from pipeline.audio import (
     AudioError,
     AudioWriter,
     StreamResampler,
+    check_writable,
     headroom_gain,
     open_audio,
     read_audio,
@@ -106,6 +109,25 @@ def test_interrupted_write_leaves_no_file(tmp_path):
     with AudioWriter(target, RATE, 2) as writer:
         writer.write(tones())
     assert [p.name for p in tmp_path.iterdir()] == ["out.flac"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_written_files_get_the_permissions_of_any_new_file(tmp_path, umask):
+    """0666 less the umask, as the file would get from open(): not mkstemp's 0600."""
+    previous = os.umask(umask)
+    try:
+        write_audio(tmp_path / "out.flac", tones(), RATE)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "out.flac").stat().st_mode) == 0o666 & ~umask
+
+
+def test_formats_that_cannot_hold_the_audio_are_found_before_writing():
+    check_writable("a.wav", "mp3", 48000, 2)
+    check_writable("a.wav", "wav", 192000, 12)
+    for format, rate, channels in (("mp3", 96000, 2), ("mp3", 44100, 6), ("flac", 44100, 9)):
+        with pytest.raises(AudioError, match=f"a.wav: {format} files cannot hold {channels}"):
+            check_writable("a.wav", format, rate, channels)
 
 
 def test_written_bytes_depend_on_the_samples_alone(tmp_path):

@@ -74,6 +74,25 @@ def test_two_stems_karaoke_and_remix_are_mixes_of_the_four_stems(checkpoint, son
     np.testing.assert_allclose(mixes["remix"], remix, atol=1e-5)
 
 
+def test_mp3_stems_are_sample_aligned_with_the_flac_ones_and_unwritable_audio_fails_first(
+    checkpoint, songs, tmp_path, capsys
+):
+    six = tmp_path / "six.wav"  # MP3 holds one or two channels at 8 to 48 kHz
+    write_audio(six, np.tile(bench_audio(1.0, 96000), (3, 1)), 96000, format="wav")
+    options = ["--checkpoint", checkpoint]
+    assert separate(songs["stereo"], "-o", tmp_path / "flac", *options) == 0
+    assert separate(songs["stereo"], six, "-o", tmp_path / "mp3", *options, "--format", "mp3") == 1
+    error = capsys.readouterr().err
+    assert f"{six}: mp3 files cannot hold 6 channel(s) at 96000 Hz" in error
+    assert sorted(p.name for p in (tmp_path / "mp3").iterdir()) == ["song one"]
+    for stem in STEMS:
+        lossless = read_audio(tmp_path / "flac" / "song one" / f"{stem}.flac")[0]
+        lossy, rate = read_audio(tmp_path / "mp3" / "song one" / f"{stem}.mp3")
+        assert rate == 44100 and lossy.shape == lossless.shape  # gapless: no encoder delay
+        error_db = 10 * np.log10(np.sum((lossy - lossless) ** 2) / np.sum(lossless**2))
+        assert error_db < -20, stem  # 320 kbps; a one-sample shift would be near 0 dB
+
+
 def test_bad_files_get_one_error_line_each_and_the_rest_is_separated(
     checkpoint, songs, tmp_path, capsys
 ):

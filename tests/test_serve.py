@@ -119,6 +119,11 @@ def test_remix_is_the_stems_times_the_gains(client, separated):
     assert np.abs(remix - sum(stems.values())).max() > 0.01  # the gains did change the mix
     flac = decode(client.get(job["remix"], params={"format": "flac"}).content)[0]
     np.testing.assert_allclose(flac, sum(stems.values()), atol=1e-4)  # missing gains are 1
+    response = client.get(job["remix"], params={"format": "mp3"})
+    assert response.headers["content-type"] == "audio/mpeg"
+    mp3 = decode(response.content)[0]
+    assert mp3.shape == flac.shape  # gapless, sample-aligned
+    assert np.sum((mp3 - flac) ** 2) < 0.01 * np.sum(flac**2)  # 320 kbps: within -20 dB
 
 
 def test_a_flac_remix_that_would_clip_is_scaled_as_a_whole(tmp_path):
@@ -147,7 +152,7 @@ def test_a_flac_remix_that_would_clip_is_scaled_as_a_whole(tmp_path):
         ({"drums": "loud"}, "not a number"),
         ({"vocals": "-1"}, "between 0 and"),
         ({"bass": "nan"}, "between 0 and"),
-        ({"format": "mp3"}, "use flac or wav"),
+        ({"format": "ogg"}, "use flac, wav, mp3"),
     ],
 )
 def test_remix_rejects_bad_parameters(client, separated, query, reason):

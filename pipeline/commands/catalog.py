@@ -11,7 +11,7 @@ import argparse
 from typing import Any
 
 from model import STEMS, CheckpointError
-from pipeline.audio import FORMATS
+from pipeline.audio import FORMAT_NAMES, FORMATS
 from pipeline.catalog.listing import is_catalog_source
 from pipeline.catalog.summary import format_summary
 from pipeline.commands import UsageError, launch
@@ -72,7 +72,7 @@ def run_catalog(
     or was left. The settings are also passed as parameters (credentials aside, see
     :mod:`pipeline.commands.launch`), so that the run's page in Prefect shows them."""
     if settings.stem_format not in FORMATS:
-        raise UsageError(f"stem format must be one of {', '.join(FORMATS)}")
+        raise UsageError(f"stem format must be one of {FORMAT_NAMES}")
     try:  # before the flow starts: a typo, or named weights fetched here, on the driver
         resolve_weights(settings.checkpoint, settings)
     except CheckpointError as error:

@@ -12,7 +12,7 @@ API (all under ``/api``; errors are ``{"error": "<one line>"}`` with a 4xx/5xx s
 - ``GET  /api/jobs/{id}``: state (queued, running, done, error), queue position, progress.
 - ``DELETE /api/jobs/{id}``: cancel a queued or running job, or delete a finished one.
 - ``GET  /api/jobs/{id}/stems/{stem}``: a stem as FLAC.
-- ``GET  /api/jobs/{id}/remix?drums=G&bass=G&other=G&vocals=G&format=wav|flac``: the stems mixed
+- ``GET  /api/jobs/{id}/remix?drums=G&bass=G&other=G&vocals=G&format=wav|flac|mp3``: the stems mixed
   with those gains, rendered on the server (so the file is exactly what the sliders say).
 - ``GET  /api/catalog?q=WORDS``, ``POST /api/catalog/open`` (``{"key": ...}``): separated
   tracks of ``--catalog DST``.
@@ -45,7 +45,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model import STEMS
-from pipeline.audio import FORMATS, AudioError
+from pipeline.audio import FORMAT_NAMES, FORMATS, AudioError
 from pipeline.separator import Separator
 from pipeline.serve.catalog import Catalog
 from pipeline.serve.jobs import (
@@ -62,7 +62,7 @@ from pipeline.stems import parse_gains
 
 log = logging.getLogger(__name__)
 STATIC = "static"
-MEDIA_TYPES = {"flac": "audio/flac", "wav": "audio/wav"}
+MEDIA_TYPES = {"flac": "audio/flac", "wav": "audio/wav", "mp3": "audio/mpeg"}
 # The page loads nothing from elsewhere; audio is fetched from this server and decoded in JS.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; "
@@ -270,7 +270,7 @@ class _Api:
         job = self._finished_job(request)
         format = request.query_params.get("format", "wav")
         if format not in FORMATS:
-            raise ApiError(400, f"format={format!r}: use {' or '.join(FORMATS)}")
+            raise ApiError(400, f"format={format!r}: use {FORMAT_NAMES}")
         try:
             gains = parse_gains(request.query_params)
         except ValueError as error:

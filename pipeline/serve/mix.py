@@ -10,7 +10,14 @@ from pathlib import Path
 import numpy as np
 
 from model import STEMS
-from pipeline.audio import AudioError, AudioReader, AudioWriter, headroom_gain, open_audio
+from pipeline.audio import (
+    AudioError,
+    AudioReader,
+    AudioWriter,
+    check_writable,
+    headroom_gain,
+    open_audio,
+)
 
 
 def render_mix(
@@ -18,8 +25,8 @@ def render_mix(
 ) -> Path:
     """Write ``sum(gains[k] * stems[k])`` to ``destination`` block by block (bounded memory).
 
-    WAV is 32-bit float, so a loud mix keeps its peaks; a FLAC (24-bit) mix that would go over
-    full scale is written again, scaled as a whole (:func:`pipeline.audio.headroom_gain`).
+    WAV is 32-bit float, so a loud mix keeps its peaks; a FLAC (24-bit) or MP3 mix that would go
+    over full scale is written again, scaled as a whole (:func:`pipeline.audio.headroom_gain`).
     """
     with contextlib.ExitStack() as stack:
         readers = [stack.enter_context(open_audio(stems[stem])) for stem in STEMS]
@@ -30,6 +37,7 @@ def render_mix(
                 raise AudioError(
                     f"{reader.name}: does not match {first.name} (rate/channels/length)"
                 )
+        check_writable(destination.name, format, first.rate, first.channels)
         weights = np.array([gains[stem] for stem in STEMS], dtype=np.float32)
         writer = _write(readers, weights, destination, format)
         if (gain := headroom_gain(writer.peak)) < 1.0:
