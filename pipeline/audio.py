@@ -10,9 +10,9 @@ names the input and says why in one line.
 
 Encoded outputs are written under a temporary name next to the destination and renamed when
 complete, so an interrupted run never leaves a file that looks finished. Integer PCM (the FLAC
-stems) and MP3 hold samples within full scale only: a writer measures the peak of what it was given, and
-the writers of separated audio write a file again, scaled by :func:`headroom_gain`, when the peak
-went over (float WAV keeps any level as it is).
+stems) and MP3 hold samples within full scale only: a writer measures the peak of what it was
+given, and the writers of separated audio write a file again, scaled by :func:`headroom_gain`,
+when the peak went over (float WAV keeps any level as it is).
 """
 
 from __future__ import annotations
