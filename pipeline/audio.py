@@ -45,6 +45,11 @@ FORMAT_NAMES = ", ".join(FORMATS)  # for messages: "flac, wav, mp3"
 # of ``metasep synth``, whose int16 samples go to the file as they are (exact sums of stems).
 _ENCODINGS = {**FORMATS, "wav16": ("WAV", "PCM_16")}
 _SET_ADD_PEAK_CHUNK = 0x1050  # libsndfile's SFC_SET_ADD_PEAK_CHUNK, which soundfile does not name
+# The most sample data a RIFF WAV file holds (its sizes are 32-bit), less room for its header:
+# libsndfile writes past it without a word, and readers then lose the end (measured: a 4.36 GB
+# float WAV read back 536,870,911 of its 545,259,520 frames). Longer WAV output is RF64.
+_WAV_DATA_BYTES = 2**32 - 2**20
+_SAMPLE_BYTES = {"FLOAT": 4, "PCM_24": 3, "PCM_16": 2}
 _BLOCK = 1 << 18  # frames per block when reading whole files
 RESCALE_PEAK = 0.99  # where a rescaled file's peak lands (-0.09 dBFS), as Demucs' rescale puts it
 
@@ -176,19 +181,35 @@ class AudioWriter:
     """Encode (channels, samples) blocks to a file, atomically: the data goes to a temporary name
     in the destination's folder and is renamed over the destination only when complete."""
 
-    def __init__(self, path: str | Path, rate: int, channels: int, format: str = "flac") -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        rate: int,
+        channels: int,
+        format: str = "flac",
+        frames: int | None = None,
+    ) -> None:
+        """``frames``: how many will be written, when known; a WAV file that would pass 4 GB is
+        then written as RF64 (without it, writing past 4 GB of WAV raises an AudioError)."""
         _, subtype = _format(format)
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._partial = _new_partial(self.path)
         self.clips = subtype != "FLOAT"  # integer PCM: samples beyond full scale are clipped
         self.peak = 0.0  # the largest |sample| given to write (measured where the format clips)
-        self._file = _open_for_writing(self._partial, rate, channels, format)
+        self._file = _open_for_writing(self._partial, rate, channels, format, frames)
+        self._room = _WAV_DATA_BYTES if self._file.format == "WAV" else math.inf  # bytes left
+        self._frame_bytes = channels * _SAMPLE_BYTES.get(subtype, 0)
 
     def write(self, block: np.ndarray) -> None:
         """Append a (channels, frames) block: int16 as it is, anything else as float32 (clipped
         to [-1, 1] where the format is integer PCM, and its peak recorded in :attr:`peak`)."""
         block = np.asarray(block)
+        self._room -= block.shape[-1] * self._frame_bytes
+        if self._room < 0:
+            raise AudioError(
+                f"{self.path.name}: more than 4 GB of WAV data (give the frames: RF64)"
+            )
         if self.clips and block.dtype != np.int16 and block.size:
             peak = float(max(block.max(), -block.min()))
             self.peak = max(self.peak, peak)
@@ -246,12 +267,13 @@ def write_audio(
     audio = np.asarray(audio)
     if audio.ndim != 2:
         raise ValueError(f"expected (channels, samples) audio, got shape {audio.shape}")
+    channels, frames = audio.shape
     if isinstance(destination, str | Path):
-        with AudioWriter(destination, rate, audio.shape[0], format) as writer:
+        with AudioWriter(destination, rate, channels, format, frames) as writer:
             writer.write(audio)
         return
     _, subtype = _format(format)
-    with _open_for_writing(destination, rate, audio.shape[0], format) as file:
+    with _open_for_writing(destination, rate, channels, format, frames) as file:
         file.write(_encodable(audio, subtype != "FLOAT").T)
 
 
@@ -277,15 +299,18 @@ def check_writable(name: str, format: str, rate: int, channels: int) -> None:
 
 
 def _open_for_writing(
-    target: str | Path | BinaryIO, rate: int, channels: int, format: str
+    target: str | Path | BinaryIO, rate: int, channels: int, format: str, frames: int | None = None
 ) -> sf.SoundFile:
     """A file open for writing in ``format``, whose bytes will depend on the samples alone.
 
     libsndfile adds a PEAK chunk to float WAV files with the time of writing in it, so two
-    writes of the same audio would differ; it is switched off (readers do not need it). MP3 is
-    written at a constant 320 kbps, its highest bitrate (Demucs' default too).
+    writes of the same audio would differ; it is switched off (readers do not need it). A WAV
+    file of ``frames`` that would pass 4 GB is RF64 instead, where libsndfile always writes that
+    chunk. MP3 is written at a constant 320 kbps, its highest bitrate (Demucs' default too).
     """
     container, subtype = _format(format)
+    if container == "WAV" and (frames or 0) * channels * _SAMPLE_BYTES[subtype] > _WAV_DATA_BYTES:
+        container = "RF64"
     mp3 = {"compression_level": 0.0, "bitrate_mode": "CONSTANT"} if container == "MP3" else {}
     file = sf.SoundFile(
         target, "w", samplerate=rate, channels=channels, format=container, subtype=subtype, **mp3

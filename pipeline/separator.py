@@ -916,7 +916,7 @@ def _write_mix(
     gains = (sink.ready() * weight[None]).astype(np.float32)  # (channels, 4)
     descriptor, channels = sink.spool.fileno(), sink.channels
     frame_bytes = channels * len(STEMS) * _FLOAT32
-    writer = AudioWriter(path, rate, channels, format)
+    writer = AudioWriter(path, rate, channels, format, sink.keep[1] - sink.keep[0])
     try:
         offset = 0
         while chunk := os.pread(descriptor, _WRITE_BLOCK * frame_bytes, offset):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from pipeline import audio
 from pipeline.audio import (
     RESCALE_PEAK,
     AudioError,
@@ -120,6 +121,29 @@ def test_written_files_get_the_permissions_of_any_new_file(tmp_path, umask):
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "out.flac").stat().st_mode) == 0o666 & ~umask
+
+
+def test_a_wav_file_that_would_pass_4_gb_is_rf64_and_one_that_fits_stays_riff(tmp_path):
+    """A RIFF WAV's sizes are 32-bit: past 4 GB readers lose the end, so such a file is RF64.
+    (Writing 4 GB here would be slow: the size is announced, a second of audio written.)"""
+    huge = 2**32 // 8 + 1  # stereo float32 frames just over 4 GB
+    with AudioWriter(tmp_path / "long.wav", RATE, 2, "wav", frames=huge) as writer:
+        writer.write(tones())
+    with AudioWriter(tmp_path / "short.wav", RATE, 2, "wav", frames=RATE) as writer:
+        writer.write(tones())
+    assert (tmp_path / "long.wav").read_bytes()[:4] == b"RF64"
+    assert (tmp_path / "short.wav").read_bytes()[:4] == b"RIFF"
+    for name in ("long.wav", "short.wav"):
+        np.testing.assert_array_equal(read_audio(tmp_path / name)[0], tones())
+
+
+def test_a_wav_writer_not_told_its_length_refuses_to_pass_4_gb(tmp_path, monkeypatch):
+    monkeypatch.setattr(audio, "_WAV_DATA_BYTES", 3 * RATE * 2 * 4)  # 4 GB, scaled to 3 s
+    refused = pytest.raises(AudioError, match="more than 4 GB of WAV data")
+    with refused, AudioWriter(tmp_path / "out.wav", RATE, 2, "wav") as writer:
+        for _ in range(4):
+            writer.write(tones())
+    assert list(tmp_path.iterdir()) == []  # nothing that looks complete
 
 
 def test_formats_that_cannot_hold_the_audio_are_found_before_writing():

@@ -52,7 +52,7 @@ def _write(
 ) -> AudioWriter:
     """The weighted sum of the readers' audio, complete under a temporary name (see commit)."""
     first = readers[0]
-    writer = AudioWriter(destination, first.rate, first.channels, format)
+    writer = AudioWriter(destination, first.rate, first.channels, format, first.frames)
     try:
         for blocks in zip(*(reader.blocks() for reader in readers), strict=True):
             writer.write(np.einsum("s,sct->ct", weights, np.stack(blocks)))
