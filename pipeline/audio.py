@@ -306,7 +306,8 @@ def _open_for_writing(
     libsndfile adds a PEAK chunk to float WAV files with the time of writing in it, so two
     writes of the same audio would differ; it is switched off (readers do not need it). A WAV
     file of ``frames`` that would pass 4 GB is RF64 instead, where libsndfile writes that chunk
-    into float files whatever it is told. MP3 is written at a constant 320 kbps, its highest bitrate (Demucs' default too).
+    into float files whatever it is told. MP3 is written at a constant 320 kbps, its highest
+    bitrate (Demucs' default too).
     """
     container, subtype = _format(format)
     if container == "WAV" and (frames or 0) * channels * _SAMPLE_BYTES[subtype] > _WAV_DATA_BYTES:
