@@ -23,11 +23,11 @@ from prefect.cache_policies import NO_CACHE
 from flows.evaluate import evaluate_catalog
 from flows.ray_session import ray_held
 from flows.separate import separate_catalog
-from pipeline.catalog.listing import CatalogError
-from pipeline.catalog.references import MIXTURE, list_references
-from pipeline.catalog.storage import open_location, write_bytes
 from pipeline.evaluation.sources import parse_methods
 from pipeline.settings import settings_for_run
+from pipeline.storage.errors import CatalogError
+from pipeline.storage.location import open_location, write_bytes
+from pipeline.storage.references import MIXTURE, list_references
 
 
 @task(name="render-references", cache_policy=NO_CACHE)

@@ -3,7 +3,7 @@ museval, one Ray task per track and method, and report the SiSEC numbers.
 
 The tasks are thin wrappers over :mod:`pipeline.evaluation`, without Prefect retries: storage
 requests retry their transient errors themselves, Ray re-runs a task whose worker died, and a
-rerun scores only what is missing (see :mod:`pipeline.catalog.storage` for why one layer).
+rerun scores only what is missing (see :mod:`pipeline.storage.location` for why one layer).
 Runs on Prefect's ephemeral API when no server is configured, and on a local Ray unless
 ``ray_address`` (or ``METASEP_RAY_ADDRESS``, or ``RAY_ADDRESS``) names one (or a parent flow already connected one).
 """
@@ -19,12 +19,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.common import record_run, refuse_memory_locations
 from flows.ray_session import connect_ray, disconnect_ray
 from model import STEMS
-from pipeline.catalog.listing import CatalogError
-from pipeline.catalog.manifest import latest_ok_rows, new_run_id, read_manifests
-from pipeline.catalog.references import ReferenceTrack, list_references
-from pipeline.catalog.storage import open_location
 from pipeline.evaluation.job import (
     EVALUATION_SCHEMA,
     EvaluationConfig,
@@ -37,7 +34,6 @@ from pipeline.evaluation.report import (
     final_rows,
     format_summary,
     write_reports,
-    write_summary,
 )
 from pipeline.evaluation.sources import (
     EstimateTrack,
@@ -47,6 +43,10 @@ from pipeline.evaluation.sources import (
     resolve_methods,
 )
 from pipeline.settings import settings_for_run
+from pipeline.storage.errors import CatalogError
+from pipeline.storage.location import open_location
+from pipeline.storage.manifest import latest_ok_rows, new_run_id, read_manifests
+from pipeline.storage.references import ReferenceTrack, list_references
 
 
 @task(name="list-references", cache_policy=NO_CACHE)
@@ -122,11 +122,6 @@ def report_run(
     return rows, summary, outputs
 
 
-@task(name="write-summary", cache_policy=NO_CACHE)
-def record_run(summary: dict[str, Any], storage_options: dict[str, Any] | None) -> str:
-    return write_summary(summary, storage_options)
-
-
 @flow(name="evaluate-catalog", log_prints=True)
 def evaluate_catalog(
     references: str,
@@ -161,8 +156,7 @@ def evaluate_catalog(
     unknown = sorted(set(targets) - set(STEMS))
     if unknown or not targets:
         raise CatalogError(f"targets must be among {', '.join(STEMS)}; got {', '.join(unknown)}")
-    if str(destination).startswith("memory://"):
-        raise CatalogError("memory:// lives inside one process; use a folder or object storage")
+    refuse_memory_locations(destination)
     started_at = datetime.now(UTC)
     run_id = run_id or new_run_id()
     methods = resolve_methods(parse_methods(estimates), with_mixture, storage_options)

@@ -3,7 +3,7 @@ rest on Ray, record the run.
 
 The tasks are thin wrappers over :mod:`pipeline.catalog`. None of them has Prefect retries:
 transient storage errors are retried once, per request, inside them
-(:func:`pipeline.catalog.storage.retry_storage`), dead Ray workers are restarted by Ray, and a
+(:func:`pipeline.storage.location.retry_storage`), dead Ray workers are restarted by Ray, and a
 re-run resumes where a failed one stopped. Runs on Prefect's ephemeral API when no
 server is configured, and on a local Ray unless ``ray_address`` (or ``METASEP_RAY_ADDRESS``, or
 ``RAY_ADDRESS``) names one. Parameters left ``None`` come from :mod:`pipeline.settings`, i.e.
@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from flows.common import record_run, refuse_memory_locations
 from flows.ray_session import connect_ray, disconnect_ray
 from model import CheckpointError, load_checkpoint
 from pipeline.audio import FORMAT_NAMES, FORMATS
@@ -29,13 +30,14 @@ from pipeline.catalog.job import (
     identify_separator,
     run_job,
 )
-from pipeline.catalog.listing import CatalogError, CatalogTrack, list_catalog
-from pipeline.catalog.manifest import done_records, new_run_id, read_manifests
+from pipeline.catalog.listing import CatalogTrack, list_catalog
 from pipeline.catalog.plan import Plan, catalog_options_hash, plan_tracks
-from pipeline.catalog.storage import open_location
-from pipeline.catalog.summary import build_summary, format_summary, write_summary
+from pipeline.catalog.summary import build_summary, format_summary
 from pipeline.separator import resolve_precision
 from pipeline.settings import Settings, settings_for_run
+from pipeline.storage.errors import CatalogError
+from pipeline.storage.location import open_location
+from pipeline.storage.manifest import done_records, new_run_id, read_manifests
 from pipeline.weights import resolve_weights
 
 
@@ -101,11 +103,6 @@ def separate_tracks(
     return run_job(todo, ray.put(model), config)
 
 
-@task(name="write-summary", cache_policy=NO_CACHE)
-def record_run(summary: dict[str, Any], storage_options: dict[str, Any] | None) -> str:
-    return write_summary(summary, storage_options)
-
-
 @flow(name="separate-catalog", log_prints=True)
 def separate_catalog(
     source: str,
@@ -153,12 +150,7 @@ def separate_catalog(
     stem_format, storage_options = settings.stem_format, settings.options()
     if stem_format not in FORMATS:
         raise CatalogError(f"stem format must be one of {FORMAT_NAMES}")
-    for location in (source, destination):
-        if str(location).startswith("memory://"):
-            raise CatalogError(
-                f"{location}: memory:// lives inside one process and Ray workers are other "
-                "processes; use a local folder or object storage"
-            )
+    refuse_memory_locations(source, destination)
     checkpoint = checkpoint_file(checkpoint, settings)
     started_at = datetime.now(UTC)
     run_id = run_id or new_run_id()

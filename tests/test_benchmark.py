@@ -11,9 +11,9 @@ from evaluation_helpers import (
 )
 
 from model import STEMS
-from pipeline.catalog.manifest import read_manifests
-from pipeline.catalog.storage import open_location
 from pipeline.cli import main
+from pipeline.storage.location import open_location
+from pipeline.storage.manifest import read_manifests
 
 
 def test_benchmark_separates_and_scores_the_default_model(tmp_path, prefect_api, ray_local, capsys):

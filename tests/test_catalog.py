@@ -11,11 +11,12 @@ import pytest
 import soundfile as sf
 
 from model import STEMS
-from pipeline.catalog.listing import CatalogError, CatalogTrack, is_catalog_source, list_catalog
-from pipeline.catalog.manifest import ManifestWriter, done_records, read_manifests
-from pipeline.catalog.paths import assign_output_keys, sanitized_key, stem_paths
+from pipeline.catalog.listing import CatalogTrack, is_catalog_source, list_catalog
 from pipeline.catalog.plan import plan_tracks
-from pipeline.catalog.storage import is_transient, open_location, retry_storage, write_bytes
+from pipeline.storage.errors import CatalogError
+from pipeline.storage.location import is_transient, open_location, retry_storage, write_bytes
+from pipeline.storage.manifest import ManifestWriter, done_records, read_manifests
+from pipeline.storage.paths import assign_output_keys, sanitized_key, stem_paths
 
 HOSTILE_KEYS = [
     "../escape.wav",

@@ -13,8 +13,9 @@ import torch
 
 from model import STEMS, MultiTasNet, TasNetConfig
 from pipeline.audio import read_audio
-from pipeline.catalog import JobConfig, list_catalog, read_manifests, run_job
-from pipeline.catalog.storage import open_location
+from pipeline.catalog import JobConfig, list_catalog, run_job
+from pipeline.storage.location import open_location
+from pipeline.storage.manifest import read_manifests
 
 
 @pytest.fixture

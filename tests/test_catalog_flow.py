@@ -18,8 +18,8 @@ import torch
 
 from model import STEMS, MultiTasNet, TasNetConfig, save_checkpoint
 from pipeline.audio import read_audio
-from pipeline.catalog.manifest import read_manifests
-from pipeline.catalog.storage import open_location
+from pipeline.storage.location import open_location
+from pipeline.storage.manifest import read_manifests
 
 REQUIRED_COLUMNS = {
     "run_id",

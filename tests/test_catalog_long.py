@@ -10,10 +10,10 @@ import torch
 
 from model import STEMS, MultiTasNet, TasNetConfig, save_checkpoint
 from pipeline.audio import read_audio
-from pipeline.catalog import read_manifests
 from pipeline.catalog.memory import measure_catalog_run, write_long_track
-from pipeline.catalog.storage import open_location
 from pipeline.cli import main
+from pipeline.storage.location import open_location
+from pipeline.storage.manifest import read_manifests
 
 RATE = 16000  # mono at 16 kHz: 20 minutes stay cheap to make, separate and check
 

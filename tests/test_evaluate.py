@@ -176,10 +176,10 @@ def test_musdb_stem_mp4_references_score_like_museval(tmp_path):
     import museval
     import stempeg
 
-    from pipeline.catalog.references import list_references
     from pipeline.evaluation.job import score_pair
     from pipeline.evaluation.plan import plan_evaluation
     from pipeline.evaluation.sources import Method
+    from pipeline.storage.references import list_references
 
     t = np.arange(RATE) / RATE
     stems = np.stack(

@@ -25,7 +25,7 @@ import pytest
 from services import Service, free_port, wait_until
 
 from model import STEMS
-from pipeline.catalog.manifest import read_manifests
+from pipeline.storage.manifest import read_manifests
 
 pytestmark = [pytest.mark.infra, pytest.mark.slow]
 

@@ -1,4 +1,4 @@
-"""Run accounting shared by catalog separation and evaluation (pipeline.catalog.runs)."""
+"""Run accounting shared by catalog separation and evaluation (pipeline.storage.runs)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline.catalog.runs import RunTally, counts, worker_summaries, write_summary
+from pipeline.storage.runs import RunTally, counts, worker_summaries, write_summary
 
 
 def test_a_worker_is_busy_for_its_items_out_of_its_wall_time_after_start_up():

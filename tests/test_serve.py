@@ -13,14 +13,14 @@ from starlette.testclient import TestClient
 
 from model import STEMS
 from pipeline.audio import read_audio, write_audio
-from pipeline.catalog.manifest import ManifestWriter
-from pipeline.catalog.storage import open_location
 from pipeline.cli import main
 from pipeline.separator import Separator
 from pipeline.serve.app import ServerLimits, create_app
 from pipeline.serve.catalog import Catalog
 from pipeline.serve.jobs import DONE, ERROR, QUEUED, JobManager, QueueFull, probe_audio
 from pipeline.serve.mix import render_mix
+from pipeline.storage.location import open_location
+from pipeline.storage.manifest import ManifestWriter
 
 RATE = 22050
 

@@ -6,22 +6,16 @@ runs it when SRC is a folder, prefix, glob or manifest of URIs.
 """
 
 from pipeline.catalog.job import JobConfig, JobResult, run_job
-from pipeline.catalog.listing import CatalogError, CatalogTrack, is_catalog_source, list_catalog
-from pipeline.catalog.manifest import MANIFEST_SCHEMA, done_records, new_run_id, read_manifests
+from pipeline.catalog.listing import CatalogTrack, is_catalog_source, list_catalog
 from pipeline.catalog.plan import Plan, plan_tracks
 
 __all__ = [
-    "MANIFEST_SCHEMA",
-    "CatalogError",
     "CatalogTrack",
     "JobConfig",
     "JobResult",
     "Plan",
-    "done_records",
     "is_catalog_source",
     "list_catalog",
-    "new_run_id",
     "plan_tracks",
-    "read_manifests",
     "run_job",
 ]

@@ -36,13 +36,13 @@ from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 
 from model import STEMS
-from pipeline.audio import AudioError
 from pipeline.catalog.listing import CatalogTrack
-from pipeline.catalog.manifest import ManifestWriter
-from pipeline.catalog.paths import stem_paths
-from pipeline.catalog.runs import RunTally
-from pipeline.catalog.storage import full_url, open_location, open_source, upload_file
 from pipeline.separator import ONE_ARENA_ENV, SeparatedFile, default_tracks_per_call
+from pipeline.storage.errors import readable_error
+from pipeline.storage.location import full_url, open_location, open_source, upload_file
+from pipeline.storage.manifest import ManifestWriter
+from pipeline.storage.paths import stem_paths
+from pipeline.storage.runs import RunTally
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class JobConfig:
 
 @dataclass
 class JobResult(RunTally):
-    """What the job did (:class:`pipeline.catalog.runs.RunTally`: counts, audio, per-worker model-busy
+    """What the job did (:class:`pipeline.storage.runs.RunTally`: counts, audio, per-worker model-busy
     time), whether it stopped at a failure, the failures and the manifest files written."""
 
     stopped_early: bool = False
@@ -324,13 +324,3 @@ def _columns(values: dict[str, list[Any]]) -> dict[str, np.ndarray]:
         else:
             columns[key] = np.asarray(items)
     return columns
-
-
-def readable_error(error: BaseException) -> str:
-    """An error as one line a person can act on."""
-    if isinstance(error, FileNotFoundError):
-        return f"file not found ({error})"
-    if isinstance(error, PermissionError):
-        return f"permission denied ({error})"
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if isinstance(error, AudioError) else f"{type(error).__name__}: {text}"

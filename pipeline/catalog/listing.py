@@ -20,36 +20,13 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.catalog.paths import assign_output_keys
-from pipeline.catalog.storage import full_url, open_location, read_bytes, retry_storage
+from pipeline.storage.errors import CatalogError
+from pipeline.storage.files import AUDIO_EXTENSIONS, is_audio_name, source_version
+from pipeline.storage.location import full_url, open_location, read_bytes, retry_storage
+from pipeline.storage.paths import assign_output_keys
 
-AUDIO_EXTENSIONS = frozenset(
-    [
-        "aac",
-        "aif",
-        "aifc",
-        "aiff",
-        "caf",
-        "flac",
-        "m4a",
-        "mka",
-        "mp3",
-        "oga",
-        "ogg",
-        "opus",
-        "w64",
-        "wav",
-        "wave",
-        "webm",
-        "wma",
-    ]
-)
 MANIFEST_EXTENSIONS = frozenset({".txt", ".csv", ".parquet"})
 _GLOB_CHARACTERS = "*?["
-
-
-class CatalogError(ValueError):
-    """A SOURCE that cannot be listed: the message names it and says why."""
 
 
 @dataclass(frozen=True)
@@ -61,13 +38,6 @@ class CatalogTrack:
     source_size: int  # bytes
     source_version: str  # ETag, generation or modification time: changes when the file does
     output_key: str  # sanitised, unique relative folder of its stems under DST/stems/
-
-
-def is_audio_name(name: str) -> bool:
-    """An audio file by extension; dot-files (e.g. macOS ``._x.wav`` resource forks) are not."""
-    base = posixpath.basename(name)
-    extension = posixpath.splitext(base)[1].lower().lstrip(".")
-    return not base.startswith(".") and extension in AUDIO_EXTENSIONS
 
 
 def is_catalog_source(source: str, storage_options: dict[str, Any] | None = None) -> bool:
@@ -148,17 +118,6 @@ def _excluded_prefix(fs, exclude: str | None, storage_options: dict[str, Any] | 
     if isinstance(fs, LocalFileSystem):
         other_path = os.path.realpath(other_path)
     return other_path.rstrip("/") + "/"
-
-
-def source_version(info: dict[str, Any]) -> str:
-    """What changes when an object's content does: its ETag or generation, else mtime and size."""
-    for key in ("ETag", "etag", "generation", "md5Hash"):
-        if info.get(key):
-            return f"{key.lower()}:{str(info[key]).strip(chr(34))}"
-    stamp = info.get("mtime") or info.get("LastModified") or info.get("created")
-    if hasattr(stamp, "timestamp"):
-        stamp = stamp.timestamp()
-    return f"mtime:{stamp}:size:{info.get('size')}"
 
 
 def _relative(name: str, base: str) -> str:

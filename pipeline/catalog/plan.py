@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.catalog.listing import CatalogTrack
-from pipeline.catalog.manifest import DoneRecord
-from pipeline.catalog.paths import short_hash
+from pipeline.storage.manifest import DoneRecord
+from pipeline.storage.paths import short_hash
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """The run summary of a catalog separation: ``DST/runs/<run_id>.json`` and the lines printed at
-the end of a run (the parts it shares with evaluation's come from :mod:`pipeline.catalog.runs`)."""
+the end of a run (the parts it shares with evaluation's come from :mod:`pipeline.storage.runs`)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,10 @@ from datetime import datetime
 from typing import Any
 
 from pipeline.catalog.job import JobResult
-from pipeline.catalog.manifest import manifest_root
 from pipeline.catalog.plan import Plan
-from pipeline.catalog.runs import MAX_LISTED, counts, worker_summaries, write_summary
-from pipeline.catalog.storage import full_url, open_location
-
-__all__ = ["build_summary", "format_summary", "write_summary"]
+from pipeline.storage.location import full_url, open_location
+from pipeline.storage.manifest import manifest_root
+from pipeline.storage.runs import MAX_LISTED, counts, worker_summaries
 
 
 def build_summary(

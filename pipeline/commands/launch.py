@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pipeline.catalog.listing import CatalogError
 from pipeline.commands import UsageError
 from pipeline.settings import Settings, use_settings
+from pipeline.storage.errors import CatalogError
 
 
 def prepare_prefect() -> None:

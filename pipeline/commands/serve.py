@@ -14,12 +14,12 @@ import logging
 import socket
 from pathlib import Path
 
-from pipeline.catalog.storage import open_location
 from pipeline.commands import UsageError
 from pipeline.commands.options import add_storage_options, setting_help
 from pipeline.commands.separate import build_separator
 from pipeline.separator import DEFAULT_BATCH, DEFAULT_CONTEXT, DEFAULT_SEGMENT, PRECISION_CHOICES
 from pipeline.settings import settings_from_args
+from pipeline.storage.location import open_location
 
 LOCAL_NAMES = ["127.0.0.1", "localhost"]
 

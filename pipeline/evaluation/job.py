@@ -26,13 +26,13 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from pipeline.audio import AudioError, AudioReader, StreamResampler
-from pipeline.catalog.job import readable_error
-from pipeline.catalog.manifest import ManifestWriter
-from pipeline.catalog.references import MIXTURE, open_references
-from pipeline.catalog.runs import RunTally
-from pipeline.catalog.storage import open_audio_at, open_location, write_bytes
 from pipeline.evaluation.plan import Pair
 from pipeline.scoring import METRICS, SISEC_RATE, score_blocks, track_store
+from pipeline.storage.errors import readable_error
+from pipeline.storage.location import open_audio_at, open_location, write_bytes
+from pipeline.storage.manifest import ManifestWriter
+from pipeline.storage.references import MIXTURE, open_references
+from pipeline.storage.runs import RunTally
 
 _TIME = pa.timestamp("us", tz="UTC")
 FRAME_TYPE = pa.struct(
@@ -83,7 +83,7 @@ class EvaluationConfig:
 
 @dataclass
 class EvaluationResult(RunTally):
-    """What the job did (:class:`pipeline.catalog.runs.RunTally`: counts, audio, per-worker
+    """What the job did (:class:`pipeline.storage.runs.RunTally`: counts, audio, per-worker
     scoring time), the CPU time it cost, its failures and warnings."""
 
     cpu_s: float = 0.0

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any
 
-from pipeline.catalog.paths import sanitized_key
-from pipeline.catalog.references import MIXTURE, ReferenceTrack
 from pipeline.evaluation.sources import EstimateTrack, Method
 from pipeline.scoring import SCORER_VERSION, SISEC_RATE
+from pipeline.storage.paths import sanitized_key
+from pipeline.storage.references import MIXTURE, ReferenceTrack
 
 SCORING = (
     f"museval {version('museval')} BSSEval v4, {SISEC_RATE} Hz, 1 s windows and hops; "

@@ -26,14 +26,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.catalog.manifest import manifest_root
-from pipeline.catalog.runs import MAX_LISTED, counts, worker_summaries, write_summary
-from pipeline.catalog.storage import full_url, open_location, write_bytes
 from pipeline.evaluation.job import EvaluationResult
 from pipeline.evaluation.plan import EvaluationPlan
 from pipeline.scoring import METRICS, summarize
+from pipeline.storage.location import full_url, open_location, write_bytes
+from pipeline.storage.manifest import manifest_root
+from pipeline.storage.runs import MAX_LISTED, counts, worker_summaries
 
-__all__ = ["build_summary", "format_summary", "write_reports", "write_summary"]
 FRAME_COLUMNS = ["method", "track", "target", "frame", "time", *METRICS]
 
 

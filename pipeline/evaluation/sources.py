@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model import STEMS
-from pipeline.catalog.listing import CatalogError, is_audio_name, source_version
-from pipeline.catalog.manifest import latest_ok_rows, manifest_root, read_manifests
-from pipeline.catalog.paths import short_hash
-from pipeline.catalog.references import MIXTURE, preferred_file
-from pipeline.catalog.storage import full_url, open_location, retry_storage
+from pipeline.storage.errors import CatalogError
+from pipeline.storage.files import is_audio_name, source_version
+from pipeline.storage.location import full_url, open_location, retry_storage
+from pipeline.storage.manifest import latest_ok_rows, manifest_root, read_manifests
+from pipeline.storage.paths import short_hash
+from pipeline.storage.references import MIXTURE, preferred_file
 
 MIXTURE_METHOD = "mixture"
 _METHOD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,79}")

@@ -21,9 +21,9 @@ import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileSystem
 
 from model import STEMS
-from pipeline.catalog.manifest import read_manifests
-from pipeline.catalog.paths import short_hash
-from pipeline.catalog.storage import open_location, retry_storage
+from pipeline.storage.location import open_location, retry_storage
+from pipeline.storage.manifest import read_manifests
+from pipeline.storage.paths import short_hash
 
 log = logging.getLogger(__name__)
 REFRESH_SECONDS = 30.0  # manifests are read again at most this often

@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from model import STEMS
 from pipeline.audio import AudioReader, StreamResampler
-from pipeline.catalog.references import ReferenceTrack, list_references, open_references
 from pipeline.settings import load_settings
+from pipeline.storage.references import ReferenceTrack, list_references, open_references
 from pipeline.training.config import TrainConfig
 
 log = logging.getLogger(__name__)

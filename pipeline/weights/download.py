@@ -5,7 +5,7 @@ next attempt continues where the last one stopped: with an HTTP ``Range`` reques
 ``http(s)://`` URLs, with a seek for every other fsspec URL (``s3://``, ``file://``, ...). The
 finished file is renamed into place, so ``destination`` is whole or absent. Transient failures
 (connection resets, a cut transfer, timeouts, HTTP 5xx and 429) are retried a few times with
-back-off through :func:`pipeline.catalog.storage.retry_storage`; the rest fail at once, among them
+back-off through :func:`pipeline.storage.location.retry_storage`; the rest fail at once, among them
 a host that cannot be reached at all (offline: the caller says how to import the file instead).
 
 HTTP goes through ``urllib`` rather than fsspec's HTTP filesystem: a resumable download needs
@@ -33,8 +33,8 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from tqdm import tqdm
 
-from pipeline.catalog.storage import open_location, retry_storage
 from pipeline.settings import redact_url
+from pipeline.storage.location import open_location, retry_storage
 
 log = logging.getLogger(__name__)
 

@@ -37,8 +37,8 @@ from model import (
     save_checkpoint,
 )
 from model.checkpoint import WEIGHTS_DIR
-from pipeline.catalog.storage import open_location, write_bytes
 from pipeline.settings import Settings, load_settings, redact_url
+from pipeline.storage.location import open_location, write_bytes
 from pipeline.weights.download import DownloadError, download
 from pipeline.weights.registry import REGISTRY, UnknownWeightsError, WeightsEntry, weights_entry
 

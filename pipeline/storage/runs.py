@@ -4,8 +4,7 @@ Both jobs turn a plan (what to do, what is already done) into result rows on Ray
 driver adds each row to a :class:`RunTally` (counts, audio, and per worker its busy time against
 its wall time), and the flow writes a summary to ``DST/runs/<run_id>.json``. The summaries differ
 in what they count (tracks, or pairs of method and track) and in their extra fields; the parts
-that mean the same thing are built here, so that they read the same in both. (It sits in
-``pipeline.catalog`` beside the manifests, which both jobs share too.)
+that mean the same thing are built here, so that they read the same in both.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.catalog.storage import full_url, open_location, write_bytes
+from pipeline.storage.location import full_url, open_location, write_bytes
 
 MAX_LISTED = 100  # errors and warnings listed in a summary; the manifests hold all of them
 

@@ -25,9 +25,10 @@ from fsspec.implementations.local import LocalFileSystem
 
 from model import STEMS
 from pipeline.audio import AudioError, AudioReader, open_audio
-from pipeline.catalog.listing import CatalogError, is_audio_name, source_version
-from pipeline.catalog.paths import short_hash
-from pipeline.catalog.storage import full_url, open_audio_at, open_location, retry_storage
+from pipeline.storage.errors import CatalogError
+from pipeline.storage.files import is_audio_name, source_version
+from pipeline.storage.location import full_url, open_audio_at, open_location, retry_storage
+from pipeline.storage.paths import short_hash
 
 MIXTURE = "mixture"
 REFERENCE_NAMES = (MIXTURE, *STEMS)

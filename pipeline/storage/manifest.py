@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.catalog.storage import read_bytes, retry_storage, write_bytes
+from pipeline.storage.location import read_bytes, retry_storage, write_bytes
 
 log = logging.getLogger(__name__)
 
