@@ -98,11 +98,13 @@ def benchmark(
     """
     checkpoints = dict(checkpoints or {"default": "default"})
     parse_methods(checkpoints)  # names that can be method names, before any work
-    # for this flow's own I/O; the subflows get the parameters as given and resolve them the
-    # same way, so that settings from the environment never become recorded parameters
-    options = settings_for_run(
+    # Storage options for this flow's own I/O; the subflows get them as given and resolve them
+    # the same way, so that credentials from the environment never become recorded parameters.
+    # The separation options hold none: each subflow records them whole, its checkpoint set.
+    settings = settings_for_run(
         get_run_logger(), ray_address=ray_address, storage_options=storage_options
-    ).options()
+    )
+    options, separation = settings.options(), settings.separation()
     if references is None:
         if "://" in destination:
             raise CatalogError("rendering references needs a local destination (or give REFS)")
@@ -114,7 +116,7 @@ def benchmark(
             name: separate_catalog(
                 source,
                 separated[name],
-                checkpoint=checkpoint,
+                options=separation.model_copy(update={"checkpoint": checkpoint}),
                 workers=separate_workers,
                 ray_address=ray_address,
                 storage_options=storage_options,

@@ -12,6 +12,7 @@ the ``METASEP_*`` environment of the process that runs the flow (a Prefect worke
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from datetime import UTC, datetime
 from typing import Any
@@ -23,17 +24,11 @@ from prefect.cache_policies import NO_CACHE
 from flows.common import record_run, refuse_memory_locations
 from flows.ray_session import connect_ray, disconnect_ray
 from model import CheckpointError, load_checkpoint
-from pipeline.audio import FORMAT_NAMES, FORMATS
-from pipeline.catalog.job import (
-    JobConfig,
-    JobResult,
-    identify_separator,
-    run_job,
-)
+from pipeline.catalog.job import JobConfig, JobResult, run_job
 from pipeline.catalog.listing import CatalogTrack, list_catalog
 from pipeline.catalog.plan import Plan, catalog_options_hash, plan_tracks
 from pipeline.catalog.summary import build_summary, format_summary
-from pipeline.separator import resolve_precision
+from pipeline.separator import SeparationOptions, identify
 from pipeline.settings import Settings, settings_for_run
 from pipeline.storage.errors import CatalogError
 from pipeline.storage.location import open_location
@@ -51,23 +46,18 @@ def list_tracks(
 
 
 @task(name="load-model", cache_policy=NO_CACHE)
-def load_model(
-    checkpoint: str,
-    precision: str,
-    separator_options: dict[str, Any],
-    gpus_per_worker: float,
-    ray_address: str | None,
-) -> tuple[Any, str, str]:
-    """The model the workers will hold, its id and the separator's options hash."""
+def load_model(checkpoint: str, options: SeparationOptions) -> tuple[Any, str, str]:
+    """The model the workers will hold (from the driver's ``checkpoint`` file), its id and the
+    separator's options hash."""
     try:
         model = load_checkpoint(checkpoint)
     except CheckpointError as error:
         raise CatalogError(str(error)) from None
     try:
-        model_id, options = identify_separator(model, precision, separator_options)
+        model_id, options_hash = identify(model, options)
     except ValueError as error:
         raise CatalogError(str(error).splitlines()[0]) from None
-    return model, model_id, options
+    return model, model_id, options_hash
 
 
 @task(name="plan-run", cache_policy=NO_CACHE)
@@ -107,78 +97,61 @@ def separate_tracks(
 def separate_catalog(
     source: str,
     destination: str,
-    checkpoint: str | None = None,
+    options: SeparationOptions | None = None,
     workers: int | None = None,
     gpus_per_worker: float | None = None,
     cpus_per_worker: float | None = None,
     ray_address: str | None = None,
     storage_options: dict[str, Any] | None = None,
-    precision: str | None = None,
-    separator_options: dict[str, Any] | None = None,
-    stem_format: str | None = None,
     fail_on_error: bool = False,
     run_id: str | None = None,
     flush_rows: int = 256,
     flush_seconds: float = 10.0,
-    tracks_per_call: int | None = None,
 ) -> dict[str, Any]:
     """Separate every audio file under ``source`` not yet done into ``destination``.
 
-    Returns the run summary (also written to ``destination/runs/<run_id>.json``).
-    ``workers`` defaults to one per GPU (``gpus_per_worker`` > 0) or to the CPUs left after one
-    for decoding and upload. ``separator_options`` go to every worker's ``Separator``
-    (``segment``, ``context``, ``batch_size``); ``tracks_per_call`` is how many tracks a worker
-    separates together (default: 8 with GPUs, 1 without). Parameters left ``None`` take their
-    value from the settings (``METASEP_*``); ``storage_options`` are merged over
-    ``METASEP_STORAGE_OPTIONS`` and should hold no credentials, since Prefect records flow
-    parameters.
+    Returns the run summary (also written to ``destination/runs/<run_id>.json``). ``options``
+    (checkpoint, precision, windows, batching, stem format) go whole to every worker's
+    ``Separator``; left ``None``, they are the settings' (``METASEP_*``). ``workers`` defaults
+    to one per GPU (``gpus_per_worker`` > 0) or to the CPUs left after one for decoding and
+    upload. Other parameters left ``None`` take their value from the settings too;
+    ``storage_options`` are merged over ``METASEP_STORAGE_OPTIONS`` and should hold no
+    credentials, since Prefect records flow parameters.
     """
     settings = settings_for_run(
         get_run_logger(),
-        checkpoint=checkpoint,
         workers=workers,
         gpus_per_worker=gpus_per_worker,
         cpus_per_worker=cpus_per_worker,
         ray_address=ray_address,
         storage_options=storage_options,
-        precision=precision,
-        stem_format=stem_format,
     )
-    checkpoint, workers, ray_address = settings.checkpoint, settings.workers, settings.ray_address
-    gpus_per_worker = settings.gpus_per_worker
-    precision = resolve_precision(settings.precision, "cuda" if gpus_per_worker > 0 else "cpu")
-    stem_format, storage_options = settings.stem_format, settings.options()
-    if stem_format not in FORMATS:
-        raise CatalogError(f"stem format must be one of {FORMAT_NAMES}")
+    options = options or settings.separation()
+    storage_options = settings.options()
     refuse_memory_locations(source, destination)
-    checkpoint = checkpoint_file(checkpoint, settings)
+    checkpoint = checkpoint_file(options.checkpoint, settings)
     started_at = datetime.now(UTC)
     run_id = run_id or new_run_id()
-    separator_options = dict(separator_options or {})
     try:
         tracks = list_tracks(source, destination, storage_options)
-        model, model_id, separator_hash = load_model(
-            checkpoint, precision, separator_options, gpus_per_worker, ray_address
-        )
-        options_hash = catalog_options_hash(separator_hash, stem_format)
+        model, model_id, separator_hash = load_model(checkpoint, options)
+        options_hash = catalog_options_hash(separator_hash, options.stem_format)
         plan = plan_run(tracks, destination, storage_options, model_id, options_hash)
         config = JobConfig(
             destination=destination,
             run_id=run_id,
             model_id=model_id,
             options_hash=options_hash,
-            precision=precision,
-            separator_options=separator_options,
-            stem_format=stem_format,
-            workers=workers or 0,
-            gpus_per_worker=gpus_per_worker,
+            options=options,
+            workers=settings.workers or 0,
+            gpus_per_worker=settings.gpus_per_worker,
             cpus_per_worker=settings.cpus_per_worker,
             storage_options=storage_options,
             fail_on_error=fail_on_error,
             flush_rows=flush_rows,
             flush_seconds=flush_seconds,
-            tracks_per_call=tracks_per_call or 0,
         )
+        ray_address = settings.ray_address
         result = separate_tracks(plan.todo, model, config, ray_address) if plan.todo else None
     finally:
         disconnect_ray()
@@ -239,7 +212,7 @@ def _size_workers(ray, config: JobConfig, strict: bool) -> JobConfig:
     threads = config.network_threads
     if strict and config.gpus_per_worker == 0 and not threads:
         threads = max(1, math.floor(cpus / workers))
-    return JobConfig(**{**config.__dict__, "workers": workers, "network_threads": threads})
+    return dataclasses.replace(config, workers=workers, network_threads=threads)
 
 
 def _publish_artifact(summary: dict[str, Any]) -> None:

@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -341,17 +341,19 @@ class StreamResampler:
     """Resample consecutive (channels, samples) blocks as one signal (soxr's stream mode gives
     the same samples as resampling the whole signal at once).
 
-    The channels are split into up to ``_RESAMPLE_THREADS`` groups, each its own soxr stream,
-    resampled in parallel threads (soxr releases the GIL; channels are independent, so the
-    samples are the same): resampling four stereo stems back to the source rate ran on one core
-    while the other waited."""
+    Given a ``pool`` (owned by the caller), the channels are split into up to two groups, each
+    its own soxr stream, resampled in the pool's threads (soxr releases the GIL; channels are
+    independent, so the samples are the same): resampling four stereo stems back to the source
+    rate ran on one core while the other waited."""
 
-    def __init__(self, from_rate: int, to_rate: int, channels: int) -> None:
-        self.channels = channels
+    def __init__(
+        self, from_rate: int, to_rate: int, channels: int, pool: Executor | None = None
+    ) -> None:
+        self.channels, self._pool = channels, pool
         self._groups: list[tuple[int, int]] = []
         self._streams: list[soxr.ResampleStream] = []
         if from_rate != to_rate:
-            count = min(channels, _RESAMPLE_THREADS)
+            count = min(channels, _RESAMPLE_GROUPS if pool is not None else 1)
             bounds = [channels * k // count for k in range(count + 1)]
             self._groups = list(itertools.pairwise(bounds))
             self._streams = [
@@ -371,7 +373,7 @@ class StreamResampler:
         if len(self._streams) == 1:
             parts = [run(self._streams[0], self._groups[0])]
         else:
-            parts = list(_resample_pool().map(run, self._streams, self._groups))
+            parts = list(self._pool.map(run, self._streams, self._groups))
         return np.ascontiguousarray(np.concatenate(parts) if len(parts) > 1 else parts[0])
 
     def stream(self, blocks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
@@ -386,13 +388,7 @@ class StreamResampler:
                 yield block
 
 
-_RESAMPLE_THREADS = 2  # parallel soxr streams per resampler
-
-
-@functools.cache
-def _resample_pool() -> ThreadPoolExecutor:
-    """The threads that resample channel groups (shared by every resampler of the process)."""
-    return ThreadPoolExecutor(_RESAMPLE_THREADS, thread_name_prefix="metasep-resample")
+_RESAMPLE_GROUPS = 2  # channel groups resampled in parallel when a pool is given
 
 
 # ------------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pipeline.separator import keep_freed_memory
+    from pipeline.runtime import keep_freed_memory
 
     keep_freed_memory()  # process-wide allocator tuning, once, at the entry point
     parser = build_parser()

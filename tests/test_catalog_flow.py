@@ -18,6 +18,7 @@ import torch
 
 from model import STEMS, MultiTasNet, TasNetConfig, save_checkpoint
 from pipeline.audio import read_audio
+from pipeline.separator import SeparationOptions, resolve_precision
 from pipeline.storage.location import open_location
 from pipeline.storage.manifest import read_manifests
 
@@ -88,7 +89,10 @@ def test_s3_catalog_is_separated_then_rerun_incrementally(
 
     def run() -> dict:
         return separate_catalog(
-            source, destination, checkpoint=tiny_checkpoint, storage_options=options
+            source,
+            destination,
+            options=SeparationOptions(checkpoint=tiny_checkpoint),
+            storage_options=options,
         )
 
     first = run()
@@ -110,6 +114,7 @@ def test_s3_catalog_is_separated_then_rerun_incrementally(
         assert row["duration_s"] == pytest.approx(seconds, abs=1e-3) and row["gain_db"] == 0
         assert row["source_version"].startswith("etag:") and row["model_id"]
         assert row["started_at"] <= row["finished_at"] and row["worker"]
+        assert row["precision"] == resolve_precision("auto", "cpu")  # what the worker ran
         for stem in STEMS:
             uri = row[f"{stem}_uri"]
             key = row["track_id"].rsplit(".", 1)[0]
@@ -166,9 +171,10 @@ def test_s3_catalog_is_separated_then_rerun_incrementally(
 KILLED_RUN = """
 import sys
 from flows.separate import separate_catalog
+from pipeline.separator import SeparationOptions
 source, destination, checkpoint, address = sys.argv[1:]
-separate_catalog(source, destination, checkpoint=checkpoint, ray_address=address, workers=1,
-                 flush_rows=1)
+separate_catalog(source, destination, SeparationOptions(checkpoint=checkpoint),
+                 ray_address=address, workers=1, flush_rows=1)
 """
 
 
@@ -204,7 +210,9 @@ def test_killed_run_resumes_without_repeating_work(
             audio, rate = read_audio(row[f"{stem}_uri"])
             assert rate == 16000 and audio.shape == (2, 24000)
 
-    resumed = separate_catalog(str(source), destination, checkpoint=tiny_checkpoint)
+    resumed = separate_catalog(
+        str(source), destination, SeparationOptions(checkpoint=tiny_checkpoint)
+    )
     assert resumed["tracks"]["skipped"] == len(killed)
     assert resumed["tracks"]["planned"] == resumed["tracks"]["ok"] == len(names) - len(killed)
     rows = manifest_rows(destination)
@@ -277,7 +285,7 @@ def test_cli_storage_options_reach_the_flow_but_not_its_recorded_parameters(
     with get_client(sync_client=True) as client:
         (run,) = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
         assert run.parameters["storage_options"] is None
-        assert run.parameters["checkpoint"] == tiny_checkpoint
+        assert run.parameters["options"]["checkpoint"] == tiny_checkpoint
         logs = [
             log.message
             for log in client.read_logs(

@@ -288,7 +288,7 @@ def test_prefect_yaml_is_valid_for_prefect_and_its_flows():
     separations = [d for d in raw["deployments"] if d["entrypoint"].endswith("separate_catalog")]
     assert {pools[d["work_pool"]["name"]] for d in separations} == {"process", "kubernetes"}
     for deployment in separations:
-        assert {"source", "destination", "checkpoint", "workers"} <= set(deployment["parameters"])
+        assert {"source", "destination", "options", "workers"} <= set(deployment["parameters"])
         (nightly,) = deployment["schedules"]
         assert nightly["cron"] == "0 2 * * *" and deployment["concurrency_limit"] == 1
 

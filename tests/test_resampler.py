@@ -9,7 +9,7 @@ import torch
 
 import pipeline.audio
 from pipeline.audio import TorchResampler
-from pipeline.bench import bench_audio
+from pipeline.bench.signals import bench_audio
 
 ENGINE_PAIRS = [(44100, 8000), (44100, 16000), (44100, 32000), (32000, 44100)]
 LENGTH_PAIRS = [

@@ -13,7 +13,7 @@ import torch
 
 from model import STEMS, MultiTasNet, TasNetConfig, save_checkpoint
 from pipeline.audio import read_audio, write_audio
-from pipeline.bench import bench_audio
+from pipeline.bench.signals import bench_audio
 from pipeline.cli import main
 from pipeline.separator import Separator
 
@@ -195,12 +195,12 @@ def test_bench_counts_the_ops_dispatched_outside_the_network(checkpoint, capsys)
 @pytest.mark.slow  # a fresh Python process
 def test_bench_memory_of_a_fresh_process_is_its_own():
     """The timed paths run in spawned processes; their peak must not include the parent's."""
-    from pipeline.bench import _in_fresh_process, _peak_rss_mb
+    from pipeline.bench.process import in_fresh_process, peak_rss_mb
 
     held = np.ones(600 * 2**20 // 8)  # 600 MiB touched by this (the parent) process
-    assert _peak_rss_mb() > 600
+    assert peak_rss_mb() > 600
     del held
-    assert _in_fresh_process(_peak_rss_mb) < 400
+    assert in_fresh_process(peak_rss_mb) < 400
 
 
 def outputs(folder) -> dict[str, np.ndarray]:
@@ -237,7 +237,9 @@ def test_a_loud_file_is_scaled_not_clipped_and_the_command_says_so_on_its_own_li
     assert done.returncode == 0, done.stderr[-2000:]
     shown = [line.rsplit("\r", 1)[-1] for line in done.stderr.split("\n")]
     warned = [line for line in shown if "outputs would clip; written scaled" in line]
-    assert warned and all(line.startswith("WARNING pipeline.separator: ") for line in warned)
+    assert warned and all(
+        line.startswith("WARNING pipeline.separator.outputs: ") for line in warned
+    )
     peaks = [np.abs(read_audio(tmp_path / "loud" / f"{stem}.flac")[0]).max() for stem in STEMS]
     assert max(peaks) == pytest.approx(0.99, abs=1e-5)
 

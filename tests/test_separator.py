@@ -16,14 +16,13 @@ import torch
 
 from model import STEMS, MultiTasNet, TasNetConfig
 from pipeline.audio import AudioError, read_audio, write_audio
-from pipeline.bench import bench_audio, stem_agreement
-from pipeline.separator import (
-    ONE_ARENA_ENV,
-    Separator,
-    _read_ahead,
-    keep_freed_memory,
-    plan_windows,
-)
+from pipeline.bench.engine import bench_model
+from pipeline.bench.probes import Probe, last_stage, stage_mixes, stem_agreement
+from pipeline.bench.signals import bench_audio
+from pipeline.runtime import ONE_ARENA_ENV, keep_freed_memory
+from pipeline.separator import Separator, plan_windows
+from pipeline.separator.options import cpu_has_fast_bfloat16
+from pipeline.separator.threads import ReadAhead
 
 SMALL = TasNetConfig(N=32, B=16, H=16, layers=4, stack=1, num_mels=16)
 
@@ -36,7 +35,9 @@ def model() -> MultiTasNet:
 
 @pytest.fixture(scope="module")
 def separator(model) -> Separator:
-    return Separator(model, device="cpu", segment=1.0, context=0.25, batch_size=3)
+    return Separator(
+        model, device="cpu", segment=1.0, context=0.25, batch_size=3, precision="float32"
+    )
 
 
 @pytest.mark.parametrize(
@@ -65,22 +66,56 @@ def test_windows_agree_with_the_single_pass_within_30_db(model):
     """Last-stage output of 10 s windows (6 s segments) vs the whole 12 s track at once. The
     mask network's GroupNorms take statistics over a whole window, so windows must be long."""
     audio = bench_audio(12.0)
-    separator = Separator(model, "cpu", segment=6.0, context=2.0)
-    mixes = separator.stage_mixes(audio, 44100)
+    probe = Probe("cpu")
+    separator = Separator(
+        model, "cpu", segment=6.0, context=2.0, precision="float32", observer=probe
+    )
+    mixes = stage_mixes(separator, audio, 44100)
     with torch.inference_mode():
         single = model.separate([torch.from_numpy(m[:, None]) for m in mixes])[-1]
-    windowed = separator.last_stage(audio, 44100)
+    windowed = last_stage(separator, probe, audio, 44100)
     assert len(separator.windows(mixes[0].shape[1])) == 2
     agreement = stem_agreement(single[:, :, 0].numpy(), windowed)
     assert min(agreement.values()) > 30, agreement
 
 
-def test_batching_does_not_change_the_output(model, separator):
+def test_auto_precision_is_resolved_for_the_device_and_hashed_as_asked(model):
+    """auto is bfloat16 on a CPU with AMX or AVX-512 BF16 (as on a GPU) and float32 elsewhere;
+    the options hash keeps what was asked, so a catalog planned with auto stays auto."""
+    auto = Separator(model, "cpu", segment=1.0, context=0.25)
+    assert auto.precision == ("bfloat16" if cpu_has_fast_bfloat16() else "float32")
+    assert auto.options.precision == "auto"
+    pinned = Separator(model, "cpu", "float32", segment=1.0, context=0.25)
+    assert pinned.options_hash != auto.options_hash and pinned.model_id == auto.model_id
+
+
+@pytest.mark.skipif(not cpu_has_fast_bfloat16(), reason="this CPU has no bfloat16 matrix hardware")
+def test_auto_on_a_bfloat16_cpu_agrees_with_the_float32_single_pass():
+    """The paper's model (random weights, as `metasep bench` runs it) in bfloat16, what auto
+    runs on this CPU, against its float32 single pass: above the 30 dB the engine promises."""
+    audio = bench_audio(8.0)
+    model, _ = bench_model("paper")
+    probe = Probe("cpu")
+    separator = Separator(model, "cpu", observer=probe)
+    assert separator.precision == "bfloat16"
+    mixes = stage_mixes(separator, audio, 44100)
+    with torch.inference_mode():
+        single = model.separate([torch.from_numpy(m[:, None]) for m in mixes])[-1]
+    windowed = last_stage(separator, probe, audio, 44100)
+    agreement = stem_agreement(single[:, :, 0].numpy(), windowed)
+    assert min(agreement.values()) > 30, agreement
+
+
+def test_batching_does_not_change_the_output(model):
     audio = bench_audio(3.0)
-    one_at_a_time = Separator(model, "cpu", segment=1.0, context=0.25, batch_size=1)
-    np.testing.assert_allclose(
-        one_at_a_time.last_stage(audio, 44100), separator.last_stage(audio, 44100), atol=1e-5
-    )
+    outputs = []
+    for batch_size in (1, 3):
+        probe = Probe("cpu")
+        separator = Separator(
+            model, "cpu", "float32", 1.0, 0.25, batch_size=batch_size, observer=probe
+        )
+        outputs.append(last_stage(separator, probe, audio, 44100))
+    np.testing.assert_allclose(*outputs, atol=1e-5)
 
 
 @pytest.mark.parametrize("level", [0.0, 0.25, -1.0])
@@ -123,7 +158,7 @@ def test_callback_counts_every_window_and_can_stop_a_file(separator, tmp_path):
     write_audio(tmp_path / "song.wav", audio, 22050, format="wav")
     calls: list[tuple[int, int]] = []
     separator.separate(audio, 22050, callback=lambda done, total: calls.append((done, total)))
-    plan = separator.windows(len(separator.stage_mixes(audio, 22050)[0][0]))
+    plan = separator.windows(len(stage_mixes(separator, audio, 22050)[0][0]))
     total = len(plan) * audio.shape[0]
     assert total > separator.batch_size  # several forward passes
     assert calls[0] == (0, total) and calls[-1] == (total, total)
@@ -183,13 +218,14 @@ import resource
 from concurrent.futures import ThreadPoolExecutor
 import torch
 from model import MultiTasNet, TasNetConfig
-from pipeline.bench import bench_audio
-from pipeline.separator import Separator, keep_freed_memory
+from pipeline.bench.signals import bench_audio
+from pipeline.runtime import keep_freed_memory
+from pipeline.separator import Separator
 
 keep_freed_memory()  # first, as the command line's entry point does
 torch.manual_seed(0)
 model = MultiTasNet(TasNetConfig(N=32, B=16, H=16, layers=4, stack=1, num_mels=16)).eval()
-separator = Separator(model, device="cpu", segment=4.0, context=1.0, batch_size=4)
+separator = Separator(model, device="cpu", segment=4.0, context=1.0, batch_size=4, precision="float32")
 audio = bench_audio(20.0)
 
 def fresh_pages():
@@ -293,7 +329,7 @@ def test_an_excerpt_covers_exactly_its_span_and_matches_the_whole_file(tmp_path)
     """The excerpt's stems equal the whole file's over its span as closely as two whole-file
     separations with different window plans agree (trained weights: a random model's
     least-squares weights swing with the span)."""
-    separator = Separator("default", "cpu", segment=2.0, context=0.5)
+    separator = Separator("default", "cpu", segment=2.0, context=0.5, precision="float32")
     rate = 22050
     audio = bench_audio(9.0, rate)
     write_audio(tmp_path / "song.wav", audio, rate, format="wav")
@@ -307,7 +343,11 @@ def test_an_excerpt_covers_exactly_its_span_and_matches_the_whole_file(tmp_path)
         return np.stack([stems[stem][:, first : first + count] for stem in STEMS], 1)
 
     whole = span(separator.separate(audio, rate))
-    shifted = span(Separator("default", "cpu", segment=2.5, context=0.5).separate(audio, rate))
+    shifted = span(
+        Separator("default", "cpu", segment=2.5, context=0.5, precision="float32").separate(
+            audio, rate
+        )
+    )
     part = np.stack([read_audio(excerpt[stem])[0] for stem in STEMS], 1)
     assert part.shape == whole.shape == (2, 4, count)
     window_agreement = min(stem_agreement(whole, shifted).values())
@@ -334,8 +374,10 @@ def test_the_gpu_path_on_cpu_tensors_agrees_with_the_soxr_path():
     network, whose mel branch takes logarithms of near-silent bins, the stems still agree far
     above the engine's window agreement."""
     audio = bench_audio(6.0, 44100)
-    soxr_path = Separator("default", "cpu").separate(audio, 44100)
-    torch_path = Separator("default", "cpu", resampler="torch").separate(audio, 44100)
+    soxr_path = Separator("default", "cpu", precision="float32").separate(audio, 44100)
+    torch_path = Separator("default", "cpu", resampler="torch", precision="float32").separate(
+        audio, 44100
+    )
     stack = [np.stack([stems[stem] for stem in STEMS], 1) for stems in (soxr_path, torch_path)]
     assert min(stem_agreement(*stack).values()) > 40
 
@@ -366,7 +408,9 @@ def test_calls_from_several_threads_take_turns_on_the_network_and_get_their_own_
     """A server or an actor taking several calls at once shares one separator: the calls'
     forward passes take turns (one compiled graph, one device queue), their host work overlaps,
     and every track gets the stems it gets alone."""
-    separator = Separator(model, device="cpu", segment=1.0, context=0.25, batch_size=4)
+    separator = Separator(
+        model, device="cpu", segment=1.0, context=0.25, batch_size=4, precision="float32"
+    )
     rate = 22050
     jobs = []
     for k in range(4):
@@ -399,8 +443,10 @@ def test_the_whole_gpu_configuration_on_cpu_tensors_agrees_with_the_cpu_path():
     torch.compile (here by inductor's C++ backend), against the CPU's soxr and hand-written
     blocks: as close as the resampler alone allows."""
     audio = bench_audio(6.0, 44100)
-    cpu_path = Separator("default", "cpu").separate(audio, 44100)
-    gpu_config = Separator("default", "cpu", resampler="torch", kernels="fused")
+    cpu_path = Separator("default", "cpu", precision="float32").separate(audio, 44100)
+    gpu_config = Separator(
+        "default", "cpu", resampler="torch", kernels="fused", precision="float32"
+    )
     gpu_path = gpu_config.separate(audio, 44100)
     assert gpu_config.network.fused
     stack = [np.stack([stems[stem] for stem in STEMS], 1) for stems in (cpu_path, gpu_path)]
@@ -434,13 +480,16 @@ def test_reading_ahead_keeps_one_block_in_flight_and_stops_when_closed():
             reads.append(index)
             yield np.full(4, index, dtype=np.float32)
 
-    ahead = _read_ahead(blocks())
+    source = blocks()
+    ahead = ReadAhead(source)
     assert next(ahead)[0] == 0 and next(ahead)[0] == 1
-    ahead.close()  # waits for the read in flight
+    ahead.close()  # waits for the read in flight, and closes the source
     count = len(reads)
     time.sleep(0.1)
-    assert count == len(reads) == 3  # blocks 0 and 1, and one read ahead
-    assert [block[0] for block in _read_ahead(blocks())] == list(range(10))
+    assert count == len(reads) and 2 <= count <= 3  # blocks 0 and 1, at most one read ahead
+    assert source.gi_frame is None  # closed by its owner, not left to the garbage collector
+    with ReadAhead(blocks()) as ahead:
+        assert [block[0] for block in ahead] == list(range(10))
 
 
 def test_a_network_that_gives_non_finite_values_fails_each_track_with_a_reason(tmp_path):
@@ -451,7 +500,7 @@ def test_a_network_that_gives_non_finite_values_fails_each_track_with_a_reason(t
     broken = MultiTasNet(SMALL).eval()
     with torch.no_grad():
         next(broken.stages[-1].decoder.parameters()).fill_(float("nan"))  # the last stage's
-    separator = Separator(broken, device="cpu", segment=1.0, context=0.25)
+    separator = Separator(broken, device="cpu", segment=1.0, context=0.25, precision="float32")
     rate = 16000
     jobs = []
     for name in ("a", "b"):

@@ -90,7 +90,7 @@ def test_cli_flags_over_environment_over_defaults(monkeypatch):
     monkeypatch.setenv("METASEP_STORAGE_OPTIONS", '{"endpoint_url": "http://minio:9000"}')
     monkeypatch.setenv("METASEP_STEM_FORMAT", "wav")
     args = parser.parse_args(["separate", "s3://a/in", "s3://a/out", "--workers", "2"])
-    settings = settings_from_args(args, stem_format="format")
+    settings = settings_from_args(args)
     assert settings.workers == 2 and settings.gpus_per_worker == 1.0
     assert settings.stem_format == "wav"
     args = parser.parse_args(
@@ -104,7 +104,7 @@ def test_cli_flags_over_environment_over_defaults(monkeypatch):
             '{"anon": true}',
         ]
     )
-    settings = settings_from_args(args, stem_format="format")
+    settings = settings_from_args(args)
     assert settings.workers == 4 and settings.stem_format == "flac"
     assert settings.options() == {"endpoint_url": "http://minio:9000", "anon": True}
     help_text = parser._subparsers._group_actions[0].choices["separate"].format_help()
@@ -179,6 +179,47 @@ def test_cli_reports_a_bad_setting_in_one_line(monkeypatch, capsys):
     monkeypatch.delenv("METASEP_STORAGE_OPTIONS")
     assert main(["separate", "s3://bucket/in", "s3://bucket/out", "--workers", "0"]) == 2
     assert "workers (--workers or METASEP_WORKERS)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("catalog", [False, True])
+def test_a_bad_precision_is_refused_in_one_line_before_anything_starts(
+    monkeypatch, capsys, tmp_path, catalog
+):
+    """From the flag or from METASEP_PRECISION, for files and for a catalog: exit code 2, one
+    line naming both, and nothing made (no output folder, no flow, no model loaded)."""
+    (tmp_path / "music").mkdir()
+    (tmp_path / "music" / "song.wav").write_bytes(b"never read")
+    out = tmp_path / "out"
+    command = (
+        ["separate", str(tmp_path / "music"), str(out)]
+        if catalog
+        else [
+            "separate",
+            str(tmp_path / "music" / "song.wav"),
+            "-o",
+            str(out),
+        ]
+    )
+    for flag, environment in ((["--precision", "fp8"], None), ([], "half")):
+        if environment:
+            monkeypatch.setenv("METASEP_PRECISION", environment)
+        assert main([*command, *flag]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1, err
+        assert err.startswith("metasep separate: error: precision (--precision or ")
+        assert "METASEP_PRECISION" in err and "'auto', 'float32', 'bfloat16'" in err
+        assert not out.exists()
+
+
+def test_separation_options_are_built_once_from_flags_over_environment(monkeypatch):
+    monkeypatch.setenv("METASEP_SEGMENT", "12.5")
+    monkeypatch.setenv("METASEP_PRECISION", "bfloat16")
+    args = build_parser().parse_args(["separate", "a.wav", "--context", "1", "--format", "wav"])
+    options = settings_from_args(args).separation()
+    assert (options.segment, options.context, options.precision) == (12.5, 1.0, "bfloat16")
+    assert options.stem_format == "wav" and options.batch_size is None
+    with pytest.raises(Exception, match="frozen"):
+        options.segment = 3.0  # one value, carried whole
 
 
 def test_training_cache_follows_the_setting(monkeypatch, tmp_path):

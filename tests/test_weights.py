@@ -30,6 +30,7 @@ from test_checkpoint import TINY, _Payload, release_file
 from model import MultiTasNet, TasNetConfig, load_checkpoint
 from pipeline.cli import build_parser, main
 from pipeline.commands.bench import _named_weights
+from pipeline.separator import SeparationOptions
 from pipeline.settings import load_settings
 from pipeline.weights import REGISTRY, WeightsError, cached_file, fetch_weights, resolve_weights
 from pipeline.weights.store import expected_shapes
@@ -344,7 +345,7 @@ def test_catalog_flow_driver_resolves_the_name_from_the_cache(
     fetch_weights("release")
     path = checkpoint_file("release", load_settings())
     assert path == str(cached_file("release"))
-    loaded, model_id, _ = load_model.fn(path, "float32", {}, 0.0, None)
+    loaded, model_id, _ = load_model.fn(path, SeparationOptions(checkpoint=path))
     assert all(
         torch.equal(a, b)
         for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True)

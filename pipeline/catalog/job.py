@@ -37,7 +37,9 @@ from tqdm import tqdm
 
 from model import STEMS
 from pipeline.catalog.listing import CatalogTrack
-from pipeline.separator import ONE_ARENA_ENV, SeparatedFile, default_tracks_per_call
+from pipeline.runtime import ONE_ARENA_ENV, keep_freed_memory
+from pipeline.separator import SeparatedFile, SeparationOptions
+from pipeline.settings import load_settings
 from pipeline.storage.errors import readable_error
 from pipeline.storage.location import full_url, open_location, open_source, upload_file
 from pipeline.storage.manifest import ManifestWriter
@@ -58,14 +60,11 @@ class JobConfig:
     run_id: str
     model_id: str
     options_hash: str
-    precision: str = "float32"
-    separator_options: dict[str, Any] = field(default_factory=dict)  # segment, context, batch_size
-    stem_format: str = "flac"
+    options: SeparationOptions = field(default_factory=SeparationOptions)
     workers: int = 1
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
     network_threads: int = 0  # torch threads of a worker's network (0: the CPUs it holds)
-    tracks_per_call: int = 0  # tracks a worker separates together (0: by device, see below)
     storage_options: dict[str, Any] | None = None
     fail_on_error: bool = False
     flush_rows: int = 256
@@ -81,18 +80,6 @@ class JobResult(RunTally):
     errors: list[tuple[str, str]] = field(default_factory=list)  # (track_id, message)
     rescaled: list[tuple[str, float]] = field(default_factory=list)  # (track_id, gain_db)
     manifest_parts: list[str] = field(default_factory=list)
-
-
-def identify_separator(
-    model: Any, precision: str, separator_options: dict[str, Any]
-) -> tuple[str, str]:
-    """``model_id`` and ``options_hash`` as the workers will compute them (a pure function of
-    the weights and the options that change the output: no separator is built, no device
-    needed)."""
-    from pipeline.separator import identify
-
-    windows = {k: v for k, v in separator_options.items() if k in ("segment", "context")}
-    return identify(model, precision, **windows)
 
 
 def run_job(tracks: list[CatalogTrack], model_ref: Any, config: JobConfig) -> JobResult:
@@ -136,7 +123,7 @@ def _plan_rows(
 ) -> list[dict[str, Any]]:
     rows = []
     for track in tracks:
-        paths = stem_paths(destination, track.output_key, config.stem_format)
+        paths = stem_paths(destination, track.output_key, config.options.stem_format)
         row = {name: getattr(track, name) for name in _TRACK_COLUMNS}
         row.update({f"{stem}_uri": full_url(fs, path) for stem, path in paths.items()})
         rows.append(row)
@@ -160,11 +147,9 @@ def _build_dataset(ray, rows: list[dict[str, Any]], model_ref: Any, config: JobC
 
 
 def tracks_per_call(config: JobConfig) -> int:
-    """Tracks a worker separates together: as given, else the engine's default for the
-    workers' device (several on a GPU, one on a CPU)."""
-    if config.tracks_per_call:
-        return config.tracks_per_call
-    return default_tracks_per_call("cuda" if config.gpus_per_worker > 0 else "cpu")
+    """Tracks a worker separates together: as the options say, else the engine's default for
+    the workers' device (several on a GPU, one on a CPU)."""
+    return config.options.tracks_on("cuda" if config.gpus_per_worker > 0 else "cpu")
 
 
 class SeparateWorker:
@@ -174,18 +159,21 @@ class SeparateWorker:
         import ray
         import torch
 
-        from pipeline.separator import Separator, keep_freed_memory
+        from pipeline.separator import ForwardTimer, Separator
 
         keep_freed_memory()  # the actor's process: allocator tuning at its start
         if isinstance(model, ray.ObjectRef):
             model = ray.get(model)
-        device = "cuda" if config.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
+        device = torch.device(
+            "cuda" if config.gpus_per_worker > 0 and torch.cuda.is_available() else "cpu"
+        )
         if config.network_threads:  # else Ray's OMP_NUM_THREADS: the CPUs the worker holds
             torch.set_num_threads(config.network_threads)
-        options = {"batch_size": None, **config.separator_options}  # None: by device memory
-        self.separator = Separator(model, device=device, precision=config.precision, **options)
-        if self.separator.device.type == "cuda":
-            self.separator.forward_events = []
+        self.timer = ForwardTimer(device)
+        spool = load_settings().spool_dir  # this machine's own setting, not the driver's
+        self.separator = Separator.from_options(
+            config.options, device, model=model, observer=self.timer, spool_dir=spool
+        )
         if self.separator.model_id != config.model_id:
             raise RuntimeError(
                 f"worker loaded model {self.separator.model_id}, the run planned {config.model_id}"
@@ -200,12 +188,13 @@ class SeparateWorker:
             started = time.time()
             results = self._separate(rows, Path(work))
             ended = time.time()
-        device_s = self._device_seconds()
+        device_s = self.timer.take()
         audio_s = [r.frames / r.rate if isinstance(r, SeparatedFile) else 0.0 for r in results]
         share = [a / sum(audio_s) if sum(audio_s) else 1 / len(rows) for a in audio_s]
         out: dict[str, list[Any]] = {k: list(v) for k, v in batch.items()}
-        columns = ("error", "channels", "samples", "sample_rate", "gain_db", "worker", "started_at")
-        for key in (*columns, "finished_at", "model_started", "model_seconds", "device_seconds"):
+        columns = ("error", "channels", "samples", "sample_rate", "gain_db", "worker", "precision")
+        timing = ("started_at", "finished_at", "model_started", "model_seconds", "device_seconds")
+        for key in (*columns, *timing):
             out[key] = []
         for result, part in zip(results, share, strict=True):
             ok = isinstance(result, SeparatedFile)
@@ -215,6 +204,7 @@ class SeparateWorker:
             out["sample_rate"].append(result.rate if ok else 0)
             out["gain_db"].append(gain_db(result.gains) if ok else 0.0)
             out["worker"].append(self.name)
+            out["precision"].append(self.separator.precision)
             out["started_at"].append(started)
             out["finished_at"].append(ended)
             out["model_started"].append(started)
@@ -240,7 +230,7 @@ class SeparateWorker:
                 jobs.append((source, Path(posixpath.dirname(path)) if local else work / str(index)))
                 order.append(index)
                 destinations.append(None if local else fs)
-            separated = self.separator.separate_files(jobs, format=config.stem_format)
+            separated = self.separator.separate_files(jobs, format=config.options.stem_format)
         for index, result, fs in zip(order, separated, destinations, strict=True):
             results[index] = result
             if fs is None or not isinstance(result, SeparatedFile):
@@ -254,17 +244,6 @@ class SeparateWorker:
             except Exception as failure:
                 results[index] = RuntimeError(f"writing stems failed: {readable_error(failure)}")
         return results  # type: ignore[return-value]
-
-    def _device_seconds(self) -> float | None:
-        """Seconds the device spent in forward passes since the last call (CUDA events)."""
-        events = self.separator.forward_events
-        if events is None:
-            return None
-        if events:
-            events[-1][1].synchronize()
-        seconds = sum(start.elapsed_time(end) for start, end in events) / 1000
-        events.clear()
-        return seconds
 
 
 def _manifest_row(row: dict[str, Any], config: JobConfig) -> dict[str, Any]:
@@ -283,6 +262,7 @@ def _manifest_row(row: dict[str, Any], config: JobConfig) -> dict[str, Any]:
         **{name: str(row[name]) if ok else None for name in _URI_COLUMNS},
         "model_id": config.model_id,
         "options_hash": config.options_hash,
+        "precision": str(row["precision"]),
         "started_at": datetime.fromtimestamp(float(row["started_at"]), UTC),
         "finished_at": datetime.fromtimestamp(float(row["finished_at"]), UTC),
         "worker": str(row["worker"]),

@@ -8,8 +8,9 @@ import math
 from pathlib import Path
 
 from pipeline.commands import UsageError
-from pipeline.commands.separate import add_window_arguments
-from pipeline.separator import KERNELS, PRECISION_CHOICES, resolve_precision
+from pipeline.commands.options import add_separation_arguments
+from pipeline.separator import KERNELS
+from pipeline.settings import settings_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,9 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "checkpoint file (default: paper)",
     )
     parser.add_argument("--seconds", type=float, default=60.0, help="audio length (60)")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    parser.add_argument("--precision", choices=PRECISION_CHOICES, default="auto")
-    add_window_arguments(parser)
+    add_separation_arguments(parser, ("device", "precision", "segment", "context", "batch_size"))
     parser.add_argument(
         "--engine-only",
         action="store_true",
@@ -89,7 +88,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from pipeline.bench import BenchOptions, bench_model, count_ops, run_bench, run_throughput
+    from pipeline.bench.engine import (
+        BenchOptions,
+        bench_model,
+        count_ops,
+        run_bench,
+        run_throughput,
+    )
     from pipeline.separator import Separator
 
     if not (math.isfinite(args.seconds) and args.seconds > 0):
@@ -106,34 +111,32 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--profile profiles the full bench: not with --tracks or --engine-only")
     if args.count_ops and (args.tracks or args.engine_only or args.profile):
         raise UsageError("--count-ops counts alone: not with --tracks, --engine-only or --profile")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.precision = resolve_precision(args.precision, device)
+    settings = settings_from_args(args)
+    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    options = BenchOptions(
+        seconds=args.seconds,
+        device=device,
+        separation=settings.separation(),
+        engine_only=args.engine_only,
+        threads=args.threads,
+        kernels=args.kernels,
+        profile=str(Path(args.profile).resolve()) if args.profile else None,
+    )
     try:
         model, weights = bench_model(_named_weights(args.config), args.seed)
-        options = BenchOptions(
-            seconds=args.seconds,
-            device=device,
-            precision=args.precision,
-            segment=args.segment,
-            context=args.context,
-            batch_size=args.batch_size,
-            engine_only=args.engine_only,
-            threads=args.threads,
-            kernels=args.kernels,
-            profile=str(Path(args.profile).resolve()) if args.profile else None,
-        )
         # Refuse options the engine cannot run before any process is started (on the CPU: the
         # parent process keeps no copy of the network on the GPU).
         on_cpu = torch.device(device).type == "cpu"
         if not on_cpu and not torch.cuda.is_available():
             raise ValueError("CUDA is not available on this machine; use --device cpu")
+        separation = options.separation
         Separator(
             model,
             "cpu",
-            args.precision if on_cpu else "float32",
-            args.segment,
-            args.context,
-            args.batch_size,
+            separation.precision if on_cpu else "float32",
+            separation.segment,
+            separation.context,
+            separation.batch_size,
             kernels=args.kernels,
         )
     except ValueError as error:

@@ -11,11 +11,9 @@ import argparse
 from typing import Any
 
 from model import STEMS, CheckpointError
-from pipeline.audio import FORMAT_NAMES, FORMATS
 from pipeline.catalog.listing import is_catalog_source
 from pipeline.catalog.summary import format_summary
 from pipeline.commands import UsageError, launch
-from pipeline.commands.options import at_least_one
 from pipeline.settings import Settings
 from pipeline.weights import resolve_weights
 
@@ -43,19 +41,8 @@ def run_separate_command(args: argparse.Namespace, settings: Settings) -> int:
         )
     source = str(args.files[0])
     destination = str(args.files[1]) if len(args.files) == 2 else str(args.out)
-    separator_options = {
-        name: getattr(args, name)
-        for name in ("segment", "context", "batch_size")
-        if getattr(args, name, None) is not None
-    }
     return run_catalog(
-        source,
-        destination,
-        settings,
-        separator_options=separator_options,
-        fail_on_error=args.fail_on_error,
-        run_id=args.run_id,
-        tracks_per_call=args.tracks_per_call,
+        source, destination, settings, fail_on_error=args.fail_on_error, run_id=args.run_id
     )
 
 
@@ -63,36 +50,25 @@ def run_catalog(
     source: str,
     destination: str,
     settings: Settings,
-    separator_options: dict[str, Any] | None = None,
     fail_on_error: bool = False,
     run_id: str | None = None,
-    tracks_per_call: int | None = None,
 ) -> int:
     """Run the flow with ``settings``; exit code 0 when every track is done, 1 when any failed
-    or was left. The settings are also passed as parameters (credentials aside, see
-    :mod:`pipeline.commands.launch`), so that the run's page in Prefect shows them."""
-    if settings.stem_format not in FORMATS:
-        raise UsageError(f"stem format must be one of {FORMAT_NAMES}")
+    or was left. The separation options and the cluster's settings are also passed as
+    parameters (credentials aside, see :mod:`pipeline.commands.launch`), so that the run's page
+    in Prefect shows them."""
     try:  # before the flow starts: a typo, or named weights fetched here, on the driver
         resolve_weights(settings.checkpoint, settings)
     except CheckpointError as error:
         raise UsageError(str(error)) from None
-    at_least_one({"--workers": settings.workers})
     summary = launch.separate_catalog(
         settings,
         source,
         destination,
-        checkpoint=settings.checkpoint,
-        workers=settings.workers,
-        gpus_per_worker=settings.gpus_per_worker,
-        cpus_per_worker=settings.cpus_per_worker,
-        ray_address=settings.ray_address,
-        precision=settings.precision,
-        separator_options=separator_options,
-        stem_format=settings.stem_format,
+        options=settings.separation(),
+        **launch.cluster_parameters(settings),
         fail_on_error=fail_on_error,
         run_id=run_id,
-        tracks_per_call=tracks_per_call,
     )
     print(format_summary(summary))
     print(f"summary: {summary['summary_uri']}")

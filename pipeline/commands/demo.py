@@ -47,8 +47,9 @@ def run(args: argparse.Namespace) -> int:
     library = build_library(args.out, args.tracks, args.seconds)
     settings = settings_from_args(args)
     checkpoint = demo_checkpoint(settings.checkpoint, args.out)
+    options = settings.separation().model_copy(update={"checkpoint": checkpoint})
     summary = launch.separate_catalog(
-        settings, str(library), str(args.out / "separated"), checkpoint=checkpoint
+        settings, str(library), str(args.out / "separated"), options=options
     )
     print()
     print(format_summary(summary))

@@ -47,6 +47,13 @@ def _flow_run(settings: Settings) -> Iterator[None]:
         raise UsageError(str(error)) from None
 
 
+def cluster_parameters(settings: Settings) -> dict[str, Any]:
+    """The settings of the cluster a catalog flow runs on, as its parameters (none of them a
+    credential): workers and what each holds, and the Ray address."""
+    names = ("workers", "gpus_per_worker", "cpus_per_worker", "ray_address")
+    return {name: getattr(settings, name) for name in names}
+
+
 def separate_catalog(
     settings: Settings, source: str, destination: str, **parameters: Any
 ) -> dict[str, Any]:

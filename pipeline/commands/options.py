@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from pipeline.commands import UsageError
-from pipeline.settings import Settings, env_name
+from pipeline.settings import FLAGS, Settings, env_name
 
 T = TypeVar("T")
 
@@ -34,6 +34,31 @@ def setting_help(name: str, text: str | None = None) -> str:
     """A flag's help that names the environment variable behind its default."""
     field = Settings.model_fields[name]
     return f"{text or field.description} (env {env_name(name)})"
+
+
+# The flags of the separation settings (pipeline.settings), in help order: flag -> type, metavar
+_SEPARATION_FLAGS = {
+    "checkpoint": (str, "NAME|FILE"),
+    "device": (str, "DEVICE"),
+    "precision": (str, "NAME"),
+    "stem_format": (str, "FORMAT"),
+    "segment": (float, "S"),
+    "context": (float, "S"),
+    "batch_size": (int, "N"),
+    "tracks_per_call": (int, "N"),
+}
+
+
+def add_separation_arguments(
+    parser: argparse.ArgumentParser, names: tuple[str, ...] = tuple(_SEPARATION_FLAGS)
+) -> None:
+    """Flags for the separation settings ``names`` (all by default). Each defaults to its
+    ``METASEP_*`` variable, then to the setting's default, and is checked with the settings
+    (one line per bad value, before anything starts), not by argparse."""
+    for name in names:
+        kind, metavar = _SEPARATION_FLAGS[name]
+        flag = FLAGS.get(name, "--" + name.replace("_", "-"))
+        parser.add_argument(flag, dest=name, type=kind, metavar=metavar, help=setting_help(name))
 
 
 def at_least_one(values: dict[str, int | None]) -> None:

@@ -17,26 +17,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from model import STEMS, CheckpointError
-from pipeline.audio import FORMATS, AudioError
+from model import STEMS, CheckpointError, load_checkpoint
+from pipeline.audio import AudioError
 from pipeline.commands import UsageError
 from pipeline.commands import catalog as catalog_run
 from pipeline.commands.options import (
     add_catalog_arguments,
+    add_separation_arguments,
     argument_type,
-    at_least_one,
-    setting_help,
 )
-from pipeline.separator import (
-    DEFAULT_BATCH,
-    DEFAULT_CONTEXT,
-    DEFAULT_SEGMENT,
-    GPU_TRACKS_PER_CALL,
-    PRECISION_CHOICES,
-    SeparatedFile,
-    Separator,
-    default_tracks_per_call,
-)
+from pipeline.separator import SeparatedFile, Separator
 from pipeline.settings import Settings, settings_from_args
 from pipeline.stems import MAX_GAIN, parse_remix, parse_stems
 from pipeline.weights import resolve_weights
@@ -62,9 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "-o", "--out", type=Path, default=Path("separated"), help="output folder (./separated)"
     )
-    parser.add_argument("--checkpoint", help=setting_help("checkpoint"))
-    parser.add_argument("--device", help=setting_help("device"))
-    parser.add_argument("--precision", choices=PRECISION_CHOICES, help=setting_help("precision"))
+    add_separation_arguments(parser)
     parser.add_argument(
         "--stems",
         type=argument_type(parse_stems),
@@ -77,7 +65,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="STEM",
         help="write STEM and no_STEM (the other three summed) only",
     )
-    parser.add_argument("--format", choices=FORMATS, help=setting_help("stem_format"))
     parser.add_argument(
         "--karaoke", action="store_true", help=f"also write {KARAOKE}: drums + bass + other"
     )
@@ -102,50 +89,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="D",
         help="length of the excerpt in seconds (default: to the end)",
     )
-    add_window_arguments(parser)
-    parser.add_argument(
-        "--tracks-per-call",
-        type=int,
-        metavar="N",
-        help="tracks separated together, their windows sharing forward passes (default: "
-        f"{GPU_TRACKS_PER_CALL} on a GPU, 1 on a CPU)",
-    )
     add_catalog_arguments(parser)
     parser.set_defaults(handler=run)
 
 
-def add_window_arguments(parser: argparse.ArgumentParser) -> None:
-    """The engine's window options, shared by ``separate`` and ``bench``."""
-    parser.add_argument(
-        "--segment",
-        type=float,
-        default=DEFAULT_SEGMENT,
-        help=f"seconds of output per window ({DEFAULT_SEGMENT:g})",
-    )
-    parser.add_argument(
-        "--context",
-        type=float,
-        default=DEFAULT_CONTEXT,
-        help=f"seconds of context on each side of a window ({DEFAULT_CONTEXT:g})",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help=f"windows of one channel per forward pass (default: {DEFAULT_BATCH} on a CPU; on "
-        "a GPU as many as half its free memory holds)",
-    )
-
-
 def run(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args, stem_format="format")
-    at_least_one({"--tracks-per-call": args.tracks_per_call})
+    settings = settings_from_args(args)
     if catalog_run.wants_catalog(args.files, settings.options()):
         return catalog_run.run_separate_command(args, settings)
     args.files = [Path(name) for name in args.files]
     outputs = requested_outputs(args.stems, args.two_stems, args.karaoke, args.remix)
-    separator = build_separator(args, settings)
-    per_call = args.tracks_per_call or default_tracks_per_call(separator.device)
+    separator = build_separator(settings)
+    per_call = settings.separation().tracks_on(separator.device)
     started = time.perf_counter()
     failures: list[str] = []
     audio_seconds = 0.0
@@ -216,17 +171,14 @@ def requested_outputs(
     return outputs
 
 
-def build_separator(args: argparse.Namespace, settings: Settings) -> Separator:
-    """The separator the options and settings ask for, or a UsageError saying why there is
-    none."""
+def build_separator(settings: Settings) -> Separator:
+    """The separator the settings ask for (their separation options, on their device), or a
+    UsageError saying why there is none."""
+    options = settings.separation()
     try:
-        return Separator(
-            resolve_weights(settings.checkpoint, settings),
-            device=settings.device,
-            precision=settings.precision,
-            segment=args.segment,
-            context=args.context,
-            batch_size=args.batch_size,
+        model = load_checkpoint(resolve_weights(options.checkpoint, settings))
+        return Separator.from_options(
+            options, settings.device, model=model, spool_dir=settings.spool_dir
         )
     except (CheckpointError, ValueError, RuntimeError) as error:
         raise UsageError(str(error).splitlines()[0]) from None

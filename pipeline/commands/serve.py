@@ -15,9 +15,8 @@ import socket
 from pathlib import Path
 
 from pipeline.commands import UsageError
-from pipeline.commands.options import add_storage_options, setting_help
+from pipeline.commands.options import add_separation_arguments, add_storage_options
 from pipeline.commands.separate import build_separator
-from pipeline.separator import DEFAULT_BATCH, DEFAULT_CONTEXT, DEFAULT_SEGMENT, PRECISION_CHOICES
 from pipeline.settings import settings_from_args
 from pipeline.storage.location import open_location
 
@@ -36,9 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (8000; 0 picks a free one)")
-    parser.add_argument("--checkpoint", help=setting_help("checkpoint"))
-    parser.add_argument("--device", help=setting_help("device"))
-    parser.add_argument("--precision", choices=PRECISION_CHOICES, help=setting_help("precision"))
+    add_separation_arguments(
+        parser, ("checkpoint", "device", "precision", "segment", "context", "batch_size")
+    )
     parser.add_argument(
         "--catalog",
         metavar="DST",
@@ -68,8 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--workdir", type=Path, help="where job folders go (default: a temporary folder)"
     )
-    parser.set_defaults(handler=run, segment=DEFAULT_SEGMENT, context=DEFAULT_CONTEXT)
-    parser.set_defaults(batch_size=DEFAULT_BATCH)
+    parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -78,9 +76,9 @@ def run(args: argparse.Namespace) -> int:
     from pipeline.serve.app import create_app
 
     limits = _limits(args)
-    shared = settings_from_args(args)  # checkpoint, device, precision, storage options
+    shared = settings_from_args(args)  # separation options, device, storage options
     catalog = _catalog(args, shared.options()) if args.catalog else None
-    separator = build_separator(args, shared)
+    separator = build_separator(shared)
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}/"

@@ -45,6 +45,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("vocals_uri", pa.string()),
         ("model_id", pa.string()),
         ("options_hash", pa.string()),
+        ("precision", pa.string()),  # what the worker ran ("auto" made concrete for its device)
         ("started_at", _TIME),
         ("finished_at", _TIME),
         ("worker", pa.string()),

@@ -1,6 +1,6 @@
 """How much memory scoring a track takes, against the track's length.
 
-``python -m pipeline.evaluation.memory --minutes 1 30`` writes, for each length, a reference
+``python -m pipeline.bench.scoring_memory --minutes 1 30`` writes, for each length, a reference
 track in the MUSDB18-HQ layout (four stereo 44.1 kHz FLAC stems, music-like, made block by block)
 and a method's estimates of it (other music-like files of the same length), scores the pair with
 the evaluation task's own code (:func:`pipeline.evaluation.job.score_pair`, in this process, no
@@ -19,16 +19,17 @@ from pathlib import Path
 import numpy as np
 
 from model import STEMS
-from pipeline.catalog.memory import ProcessTreeMemory, write_long_track
+from pipeline.bench.process import ProcessTreeMemory
+from pipeline.bench.signals import write_long_track
 
 
 def measure_scoring(folder: Path, minutes: float) -> dict[str, float]:
     """Write a reference track and estimates of ``minutes`` under ``folder``, score them while
     sampling memory; returns the figures."""
-    from pipeline.catalog.references import list_references
     from pipeline.evaluation.job import score_pair
     from pipeline.evaluation.plan import Pair
     from pipeline.evaluation.sources import EstimateTrack
+    from pipeline.storage.references import list_references
 
     references, estimates = folder / "references" / "track", folder / "estimates" / "track"
     references.mkdir(parents=True)
@@ -65,7 +66,7 @@ def measure_scoring(folder: Path, minutes: float) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.evaluation.memory",
+        prog="python -m pipeline.bench.scoring_memory",
         description="Peak memory of scoring one track (museval BSSEval v4) by track length",
     )
     parser.add_argument("--minutes", type=float, nargs="+", default=[1.0, 30.0])
