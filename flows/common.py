@@ -14,13 +14,17 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.storage.errors import CatalogError
+from pipeline.storage.journal import Journal
 from pipeline.storage.runs import write_summary
 
 
 @task(name="write-summary", cache_policy=NO_CACHE)
-def record_run(summary: dict[str, Any], storage_options: dict[str, Any] | None) -> str:
-    """Write the run's summary to ``<its destination>/runs/<run_id>.json``; returns its URL."""
-    return write_summary(summary, storage_options)
+def record_run(
+    summary: dict[str, Any], storage_options: dict[str, Any] | None, journal: Journal | None = None
+) -> str:
+    """Write the run's summary to ``<its destination>/runs/<run_id>.json`` (or to ``journal``
+    while the destination does not take it); returns where it went."""
+    return write_summary(summary, storage_options, journal)
 
 
 def refuse_memory_locations(*locations: str) -> None:

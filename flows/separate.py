@@ -2,21 +2,26 @@
 rest on Ray, record the run.
 
 The tasks are thin wrappers over :mod:`pipeline.catalog`. None of them has Prefect retries:
-transient storage errors are retried once, per request, inside them
-(:func:`pipeline.storage.location.retry_storage`), dead Ray workers are restarted by Ray, and a
-re-run resumes where a failed one stopped. Runs on Prefect's ephemeral API when no
-server is configured, and on a local Ray unless ``ray_address`` (or ``METASEP_RAY_ADDRESS``, or
-``RAY_ADDRESS``) names one. Parameters left ``None`` come from :mod:`pipeline.settings`, i.e.
-the ``METASEP_*`` environment of the process that runs the flow (a Prefect worker, say).
+transient storage errors are retried, per request, inside them
+(:func:`pipeline.storage.location.retry_storage`), dead or stalled Ray workers are replaced by
+the job, and a re-run resumes where a failed one stopped. The run holds the destination's lease
+from its first write to its summary, so that two runs never separate into one destination at
+once, and it writes its summary on every way out (a failure, the time limit, Ctrl-C), to the
+destination or, while that does not take it, to the local journal. Runs on Prefect's ephemeral
+API when no server is configured, and on a local Ray unless ``ray_address`` (or
+``METASEP_RAY_ADDRESS``, or ``RAY_ADDRESS``) names one. Parameters left ``None`` come from
+:mod:`pipeline.settings`, i.e. the ``METASEP_*`` environment of the process that runs the flow.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from datetime import UTC, datetime
 from typing import Any
 
+import pyarrow as pa
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -24,24 +29,27 @@ from prefect.cache_policies import NO_CACHE
 from flows.common import record_run, refuse_memory_locations
 from flows.ray_session import connect_ray, disconnect_ray
 from model import CheckpointError, load_checkpoint
-from pipeline.catalog.job import JobConfig, JobResult, run_job
-from pipeline.catalog.listing import CatalogTrack, list_catalog
+from pipeline.catalog.housekeeping import read_done, survey_stems
+from pipeline.catalog.job import INTERRUPTED, JobConfig, JobResult, run_job, tracks_per_call
+from pipeline.catalog.listing import TRACK_SCHEMA, list_catalog
 from pipeline.catalog.plan import Plan, catalog_options_hash, plan_tracks
+from pipeline.catalog.preflight import check_destination, check_source, room_problem
 from pipeline.catalog.summary import build_summary, format_summary
+from pipeline.catalog.watchdog import stall_timeout_for
 from pipeline.separator import SeparationOptions, identify
 from pipeline.settings import Settings, settings_for_run
 from pipeline.storage.errors import CatalogError
+from pipeline.storage.journal import Journal
+from pipeline.storage.lease import acquire_lease
 from pipeline.storage.location import open_location
-from pipeline.storage.manifest import done_records, new_run_id, read_manifests
+from pipeline.storage.manifest import new_run_id
 from pipeline.weights import resolve_weights
 
 
 @task(name="list-catalog", cache_policy=NO_CACHE)
-def list_tracks(
-    source: str, destination: str, storage_options: dict[str, Any] | None
-) -> list[CatalogTrack]:
+def list_tracks(source: str, destination: str, storage_options: dict[str, Any] | None) -> pa.Table:
     tracks = list_catalog(source, storage_options, exclude=destination)
-    get_run_logger().info("%s: %d audio files", source, len(tracks))
+    get_run_logger().info("%s: %d audio files", source, tracks.num_rows)
     return tracks
 
 
@@ -62,21 +70,32 @@ def load_model(checkpoint: str, options: SeparationOptions) -> tuple[Any, str, s
 
 @task(name="plan-run", cache_policy=NO_CACHE)
 def plan_run(
-    tracks: list[CatalogTrack],
+    tracks: pa.Table,
     destination: str,
     storage_options: dict[str, Any] | None,
     model_id: str,
     options_hash: str,
+    stem_format: str,
 ) -> Plan:
+    """The plan, after one listing of the stems the destination holds (partial files of killed
+    writers removed) and its manifests (unreadable parts moved aside)."""
     fs, root = open_location(destination, storage_options)
-    plan = plan_tracks(tracks, done_records(read_manifests(fs, root)), model_id, options_hash)
-    get_run_logger().info("%d to separate, %d already done", len(plan.todo), len(plan.skipped))
+    stems, partials = survey_stems(fs, root)
+    done, quarantined = read_done(fs, root)
+    plan = plan_tracks(tracks, done, model_id, options_hash, stems, stem_format)
+    plan = dataclasses.replace(plan, partials_removed=partials, quarantined=quarantined)
+    get_run_logger().info(
+        "%d to separate, %d already done%s",
+        plan.planned,
+        plan.skipped,
+        f", {plan.lost} of them again: their stems are gone" if plan.lost else "",
+    )
     return plan
 
 
 @task(name="separate-tracks", cache_policy=NO_CACHE)
 def separate_tracks(
-    todo: list[CatalogTrack], model: Any, config: JobConfig, ray_address: str | None
+    todo: pa.Table, model: Any, config: JobConfig, ray_address: str | None, journal: Journal
 ) -> JobResult:
     import ray
 
@@ -84,13 +103,13 @@ def separate_tracks(
     config = _size_workers(ray, config, strict=started_here)
     get_run_logger().info(
         "separating %d tracks on %d worker(s) (%g GPU, %g CPU, %s network threads each)",
-        len(todo),
+        todo.num_rows,
         config.workers,
         config.gpus_per_worker,
         config.cpus_per_worker,
         config.network_threads or "as many",
     )
-    return run_job(todo, ray.put(model), config)
+    return run_job(todo, ray.put(model), config, journal)
 
 
 @flow(name="separate-catalog", log_prints=True)
@@ -107,6 +126,9 @@ def separate_catalog(
     run_id: str | None = None,
     flush_rows: int = 256,
     flush_seconds: float = 10.0,
+    stall_timeout: float | None = None,
+    timeout: float | None = None,
+    wait: bool = False,
 ) -> dict[str, Any]:
     """Separate every audio file under ``source`` not yet done into ``destination``.
 
@@ -114,10 +136,14 @@ def separate_catalog(
     (checkpoint, precision, windows, batching, stem format) go whole to every worker's
     ``Separator``; left ``None``, they are the settings' (``METASEP_*``). ``workers`` defaults
     to one per GPU (``gpus_per_worker`` > 0) or to the CPUs left after one for decoding and
-    upload. Other parameters left ``None`` take their value from the settings too;
-    ``storage_options`` are merged over ``METASEP_STORAGE_OPTIONS`` and should hold no
-    credentials, since Prefect records flow parameters.
+    upload. ``stall_timeout`` (seconds without progress before a track is given up; default by
+    device) and ``timeout`` (seconds for the whole run) bound the run; ``wait`` waits for a
+    destination another run holds instead of refusing it. Other parameters left ``None`` take
+    their value from the settings too; ``storage_options`` are merged over
+    ``METASEP_STORAGE_OPTIONS`` and should hold no credentials, since Prefect records flow
+    parameters.
     """
+    started_at, started = datetime.now(UTC), time.time()
     settings = settings_for_run(
         get_run_logger(),
         workers=workers,
@@ -125,49 +151,71 @@ def separate_catalog(
         cpus_per_worker=cpus_per_worker,
         ray_address=ray_address,
         storage_options=storage_options,
+        stall_timeout=stall_timeout,
+        timeout=timeout,
     )
     options = options or settings.separation()
     storage_options = settings.options()
     refuse_memory_locations(source, destination)
+    check_destination(destination, storage_options)
+    check_source(source, storage_options)
     checkpoint = checkpoint_file(options.checkpoint, settings)
-    started_at = datetime.now(UTC)
     run_id = run_id or new_run_id()
-    try:
-        tracks = list_tracks(source, destination, storage_options)
-        model, model_id, separator_hash = load_model(checkpoint, options)
-        options_hash = catalog_options_hash(separator_hash, options.stem_format)
-        plan = plan_run(tracks, destination, storage_options, model_id, options_hash)
-        config = JobConfig(
-            destination=destination,
-            run_id=run_id,
-            model_id=model_id,
-            options_hash=options_hash,
-            options=options,
-            workers=settings.workers or 0,
-            gpus_per_worker=settings.gpus_per_worker,
-            cpus_per_worker=settings.cpus_per_worker,
-            storage_options=storage_options,
-            fail_on_error=fail_on_error,
-            flush_rows=flush_rows,
-            flush_seconds=flush_seconds,
-        )
-        ray_address = settings.ray_address
-        result = separate_tracks(plan.todo, model, config, ray_address) if plan.todo else None
-    finally:
-        disconnect_ray()
-    summary = build_summary(
-        run_id=run_id,
-        source=source,
-        destination=destination,
-        plan=plan,
-        result=result or JobResult(),
-        model_id=model_id,
-        options_hash=options_hash,
-        started_at=started_at,
-        finished_at=datetime.now(UTC),
-        storage_options=storage_options,
-    )
-    summary["summary_uri"] = record_run(summary, storage_options)
+    fs, root = open_location(destination, storage_options)
+    journal = Journal(settings.cache_dir / "journal", fs, root)
+    plan, result = Plan(TRACK_SCHEMA.empty_table(), 0, 0), JobResult()
+    model_id = options_hash = ""
+    with acquire_lease(fs, root, run_id, wait):
+        try:
+            _publish(journal)
+            tracks = list_tracks(source, destination, storage_options)
+            model, model_id, separator_hash = load_model(checkpoint, options)
+            options_hash = catalog_options_hash(separator_hash, options.stem_format)
+            plan = plan_run(
+                tracks, destination, storage_options, model_id, options_hash, options.stem_format
+            )
+            config = JobConfig(
+                destination=destination,
+                run_id=run_id,
+                model_id=model_id,
+                options_hash=options_hash,
+                options=options,
+                workers=settings.workers or 0,
+                gpus_per_worker=settings.gpus_per_worker,
+                cpus_per_worker=settings.cpus_per_worker,
+                storage_options=storage_options,
+                fail_on_error=fail_on_error,
+                flush_rows=flush_rows,
+                flush_seconds=flush_seconds,
+                stall_timeout=stall_timeout_for(
+                    "cuda" if settings.gpus_per_worker > 0 else "cpu", settings.stall_timeout
+                ),
+                deadline=started + settings.timeout if settings.timeout else None,
+            )
+            next_tracks = plan.todo.slice(0, (settings.workers or 1) * tracks_per_call(config))
+            result.stopped = room_problem(destination, storage_options, next_tracks)
+            if plan.planned and not result.stopped:
+                result = separate_tracks(plan.todo, model, config, settings.ray_address, journal)
+            if result.stopped == INTERRUPTED:
+                raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            result.stopped = INTERRUPTED
+            raise
+        finally:
+            disconnect_ray()
+            summary = build_summary(
+                run_id=run_id,
+                source=source,
+                destination=destination,
+                plan=plan,
+                result=result,
+                model_id=model_id,
+                options_hash=options_hash,
+                started_at=started_at,
+                finished_at=datetime.now(UTC),
+                storage_options=storage_options,
+            )
+            summary["summary_uri"] = record_run(summary, storage_options, journal)
     _publish_artifact(summary)
     return summary
 
@@ -180,6 +228,15 @@ def checkpoint_file(checkpoint: str, settings: Settings) -> str:
         return str(resolve_weights(checkpoint, settings))
     except CheckpointError as error:
         raise CatalogError(str(error)) from None
+
+
+def _publish(journal: Journal) -> None:
+    """What earlier runs on this machine could not write to the destination, written now (a
+    warning, not a failure, when the store still does not take it)."""
+    try:
+        journal.publish()
+    except Exception as error:
+        get_run_logger().warning("journal of %s not published yet: %s", journal.folder, error)
 
 
 def _size_workers(ray, config: JobConfig, strict: bool) -> JobConfig:

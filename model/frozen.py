@@ -350,9 +350,7 @@ class _Conv(nn.Module):
         self.register_buffer("kernel", _constant(kernel, dtype), persistent=False)
         # The bias only enters float64 arithmetic (see `fold`); kept in float32.
         self.register_buffer("bias", _constant(bias.reshape(INSTRUMENTS, -1), None), False)
-        inner = conv.conv if hasattr(conv, "conv") else conv
-        self.dilation = inner.dilation if isinstance(inner.dilation, int) else inner.dilation[0]
-        self.padding = inner.padding if isinstance(inner.padding, int) else inner.padding[0]
+        self.dilation, self.padding = conv.dilation, conv.padding
 
     def stacked(self, batch: int) -> torch.Tensor:
         """The 1x1 kernel repeated over the batch: (B*4, O, C)."""

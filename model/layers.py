@@ -33,8 +33,9 @@ def _instrument_code(
     return bottleneck(instrument)
 
 
-class GeneratedConv1d(nn.Module):
-    """1-D convolution whose kernel (and optional bias) is generated from the instrument embedding."""
+class _InstrumentConv1d(nn.Module):
+    """A 1-D convolution of each instrument's channels (x of shape (B, 4, C, T)), all four in one
+    grouped convolution; subclasses say where each instrument's weights come from."""
 
     def __init__(
         self,
@@ -50,19 +51,36 @@ class GeneratedConv1d(nn.Module):
         bias: bool = False,
     ) -> None:
         super().__init__()
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.dilation, self.padding, self.groups = (
+        self.in_channels, self.out_channels, self.kernel_size = (
+            in_channels,
+            out_channels,
             kernel_size,
-            dilation,
-            padding,
-            groups,
         )
+        self.dilation, self.padding, self.groups = dilation, padding, groups
+        self._build(E_1, E_2, bias)
+
+    def _build(self, E_1: int | None, E_2: int, bias: bool) -> None:
+        raise NotImplementedError
+
+    def weights(self, instrument: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The grouped-convolution kernel (4*C_out, C_in/groups, k) and bias (4*C_out) or None."""
+        raise NotImplementedError
+
+    def forward(self, instrument: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        kernel, bias = self.weights(instrument)
+        return _grouped_conv(x, kernel, bias, self.dilation, self.padding, self.groups)
+
+
+class GeneratedConv1d(_InstrumentConv1d):
+    """1-D convolution whose kernel (and optional bias) is generated from the instrument embedding."""
+
+    def _build(self, E_1: int | None, E_2: int, bias: bool) -> None:
         self.bottleneck = _bottleneck(E_1, E_2)
-        self.kernel = nn.Linear(E_2, out_channels * in_channels // groups * kernel_size)
-        self.bias = nn.Linear(E_2, out_channels) if bias else None
+        size = self.out_channels * self.in_channels // self.groups * self.kernel_size
+        self.kernel = nn.Linear(E_2, size)
+        self.bias = nn.Linear(E_2, self.out_channels) if bias else None
 
     def weights(self, instrument: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The grouped-convolution kernel (4*C_out, C_in/groups, k) and bias (4*C_out) or None."""
         code = _instrument_code(self.bottleneck, instrument)
         kernel = self.kernel(code).view(
             INSTRUMENTS * self.out_channels, self.in_channels // self.groups, self.kernel_size
@@ -70,46 +88,23 @@ class GeneratedConv1d(nn.Module):
         bias = self.bias(code).reshape(-1) if self.bias is not None else None
         return kernel, bias
 
-    def forward(self, instrument: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        kernel, bias = self.weights(instrument)
-        return _grouped_conv(x, kernel, bias, self.dilation, self.padding, self.groups)
 
-
-class IndependentConv1d(nn.Module):
+class IndependentConv1d(_InstrumentConv1d):
     """1-D convolution with separate weights per instrument (one grouped nn.Conv1d)."""
 
-    def __init__(
-        self,
-        E_1: int | None,
-        E_2: int,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        *,
-        dilation: int = 1,
-        padding: int = 0,
-        groups: int = 1,
-        bias: bool = False,
-    ) -> None:
-        super().__init__()
+    def _build(self, E_1: int | None, E_2: int, bias: bool) -> None:
         self.conv = nn.Conv1d(
-            INSTRUMENTS * in_channels,
-            INSTRUMENTS * out_channels,
-            kernel_size,
-            padding=padding,
-            dilation=dilation,
-            groups=INSTRUMENTS * groups,
+            INSTRUMENTS * self.in_channels,
+            INSTRUMENTS * self.out_channels,
+            self.kernel_size,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=INSTRUMENTS * self.groups,
             bias=bias,
         )
 
     def weights(self, instrument: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.conv.weight, self.conv.bias
-
-    def forward(self, instrument: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-        conv = self.conv
-        return _grouped_conv(
-            x, conv.weight, conv.bias, conv.dilation[0], conv.padding[0], conv.groups // INSTRUMENTS
-        )
 
 
 def _grouped_conv(

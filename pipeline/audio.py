@@ -18,6 +18,7 @@ when the peak went over (float WAV keeps any level as it is).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import itertools
@@ -51,6 +52,7 @@ _SET_ADD_PEAK_CHUNK = 0x1050  # libsndfile's SFC_SET_ADD_PEAK_CHUNK, which sound
 _WAV_DATA_BYTES = 2**32 - 2**20
 _SAMPLE_BYTES = {"FLOAT": 4, "PCM_24": 3, "PCM_16": 2}
 _BLOCK = 1 << 18  # frames per block when reading whole files
+_FULL_DISK_BYTES = 1 << 20  # free space below which a failed write is taken for a full disk
 RESCALE_PEAK = 0.99  # where a rescaled file's peak lands (-0.09 dBFS), as Demucs' rescale puts it
 
 
@@ -215,21 +217,36 @@ class AudioWriter:
             self.peak = max(self.peak, peak)
             if peak > 1.0:
                 block = np.clip(block, -1.0, 1.0)
-        self._file.write(_encodable(block, clip=False).T)
+        with self._named_errors():
+            self._file.write(_encodable(block, clip=False).T)
 
     def close(self) -> None:
         """Finish encoding (the data is complete under the temporary name; see commit)."""
-        self._file.close()
+        with self._named_errors():
+            self._file.close()
 
     def commit(self) -> Path:
         """Close and rename the file into place."""
-        self._file.close()
+        self.close()
         os.replace(self._partial, self.path)
         return self.path
 
     def discard(self) -> None:
-        self._file.close()
+        with contextlib.suppress(sf.LibsndfileError, OSError):  # a full disk fails the close too
+            self._file.close()
         self._partial.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def _named_errors(self) -> Iterator[None]:
+        """libsndfile reports a failed write as "System error", errno lost: a disk without room
+        left is named as such (``ENOSPC``), so that a job can tell a full disk from bad audio."""
+        try:
+            yield
+        except sf.LibsndfileError as error:
+            stats = os.statvfs(self._partial.parent)
+            if stats.f_bavail * stats.f_frsize < _FULL_DISK_BYTES:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path)) from error
+            raise
 
     def __enter__(self) -> AudioWriter:
         return self

@@ -40,18 +40,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pipeline.separator.options import (
-    DEFAULT_CONTEXT,
-    DEFAULT_SEGMENT,
-    BatchSize,
-    Checkpoint,
-    Context,
-    Precision,
-    Segment,
-    SeparationOptions,
-    StemFormat,
-    TracksPerCall,
-)
+from pipeline.separator.options import SeparationFields, SeparationOptions
 
 ENV_PREFIX = "METASEP_"
 REDACTED = "***"
@@ -67,8 +56,10 @@ class SettingsError(ValueError):
     """A setting with a value that cannot be used; the message names it, never its value."""
 
 
-class Settings(BaseSettings):
-    """Every knob that the CLI and the flows share.
+class Settings(BaseSettings, SeparationFields):
+    """Every knob that the CLI and the flows share: the separation options' fields
+    (:class:`pipeline.separator.options.SeparationFields`) and those of the cluster, storage and
+    caches.
 
     Build it with :func:`load_settings` (environment + overrides), not directly, so that the
     settings a CLI command handed to a flow (:func:`use_settings`) are respected.
@@ -88,7 +79,6 @@ class Settings(BaseSettings):
         default_factory=lambda: Secret({}),
         description="fsspec options as a JSON object, e.g. endpoint_url, key, secret",
     )
-    checkpoint: Checkpoint = "default"
     weights_mirror: str | None = Field(
         None,
         description="where named weights are fetched from instead of their published URL: an "
@@ -102,12 +92,18 @@ class Settings(BaseSettings):
     device: str | None = Field(
         None, description="device of in-process work: cpu, cuda (default: cuda if present)"
     )
-    precision: Precision = "auto"
-    segment: Segment = DEFAULT_SEGMENT
-    context: Context = DEFAULT_CONTEXT
-    batch_size: BatchSize = None
-    tracks_per_call: TracksPerCall = None
-    stem_format: StemFormat = "flac"
+    stall_timeout: float | None = Field(
+        None,
+        gt=0,
+        description="seconds a catalog track may go without progress before it is given up and "
+        "its worker replaced (default: 900 on CPU workers, 600 on GPU workers)",
+    )
+    timeout: float | None = Field(
+        None,
+        gt=0,
+        description="seconds a catalog run may take; then it stops cleanly, the rest left for "
+        "the next run (default: no limit)",
+    )
     spool_dir: Path | None = Field(
         None,
         description="where a separation keeps a track's unscaled stems until they are encoded "

@@ -5,17 +5,19 @@ from __future__ import annotations
 import os
 import posixpath
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import soundfile as sf
 
 from model import STEMS
-from pipeline.catalog.listing import CatalogTrack, is_catalog_source, list_catalog
-from pipeline.catalog.plan import plan_tracks
+from pipeline.catalog.housekeeping import read_done, survey_stems
+from pipeline.catalog.listing import is_catalog_source, list_catalog, listing_table
+from pipeline.catalog.plan import StemIndex, plan_tracks
 from pipeline.storage.errors import CatalogError
 from pipeline.storage.location import is_transient, open_location, retry_storage, write_bytes
-from pipeline.storage.manifest import ManifestWriter, done_records, read_manifests
+from pipeline.storage.manifest import ManifestWriter, latest_done, read_manifests
 from pipeline.storage.paths import assign_output_keys, sanitized_key, stem_paths
 
 HOSTILE_KEYS = [
@@ -33,6 +35,11 @@ HOSTILE_KEYS = [
 ]
 
 
+def listed(*args, **kwargs) -> list[SimpleNamespace]:
+    """The listing's rows, each with its columns as attributes."""
+    return [SimpleNamespace(**row) for row in list_catalog(*args, **kwargs).to_pylist()]
+
+
 def write_tone(path, seconds=0.5, rate=22050, channels=2, frequency=220.0):
     path.parent.mkdir(parents=True, exist_ok=True)
     t = np.arange(int(seconds * rate)) / rate
@@ -46,7 +53,7 @@ def test_local_listing_is_recursive_audio_only_with_size_and_version(tmp_path):
     (tmp_path / "albums" / "cover.jpg").write_bytes(b"\xff\xd8")
     (tmp_path / "notes.txt").write_text("not audio")
     (tmp_path / "._a.wav").write_bytes(b"resource fork")
-    tracks = list_catalog(str(tmp_path))
+    tracks = listed(str(tmp_path))
     assert [t.track_id for t in tracks] == ["a.wav", "albums/b c/ünï ✓.flac"]
     first = tracks[0]
     assert first.source_uri == str(tmp_path / "a.wav")
@@ -56,7 +63,7 @@ def test_local_listing_is_recursive_audio_only_with_size_and_version(tmp_path):
     before = first.source_version
     write_tone(tmp_path / "a.wav", frequency=330.0)
     os.utime(tmp_path / "a.wav", (1, 1))
-    assert list_catalog(str(tmp_path))[0].source_version != before
+    assert listed(str(tmp_path))[0].source_version != before
     assert is_catalog_source(str(tmp_path)) and not is_catalog_source(str(tmp_path / "a.wav"))
 
 
@@ -64,13 +71,13 @@ def test_glob_and_uri_manifest_sources(tmp_path):
     write_tone(tmp_path / "lib" / "one.wav")
     write_tone(tmp_path / "lib" / "sub" / "two.flac")
     write_tone(tmp_path / "lib" / "sub" / "three.wav")
-    globbed = list_catalog(str(tmp_path / "lib" / "**" / "*.wav"))
+    globbed = listed(str(tmp_path / "lib" / "**" / "*.wav"))
     assert [t.track_id for t in globbed] == ["one.wav", "sub/three.wav"]
     listing = tmp_path / "lib" / "tracks.txt"
     listing.write_text(f"# wanted\nsub/two.flac\n{tmp_path / 'lib' / 'one.wav'}\nmissing.wav\n")
-    listed = {t.track_id: t for t in list_catalog(str(listing))}
-    assert sorted(listed) == ["missing.wav", "one.wav", "sub/two.flac"]
-    assert listed["sub/two.flac"].source_size > 0 and listed["missing.wav"].source_size == 0
+    by_id = {t.track_id: t for t in listed(str(listing))}
+    assert sorted(by_id) == ["missing.wav", "one.wav", "sub/two.flac"]
+    assert by_id["sub/two.flac"].source_size > 0 and by_id["missing.wav"].source_size == 0
     with pytest.raises(CatalogError, match="no such folder"):
         list_catalog(str(tmp_path / "nowhere"))
     with pytest.raises(CatalogError, match="no audio files"):
@@ -78,7 +85,7 @@ def test_glob_and_uri_manifest_sources(tmp_path):
     write_tone(tmp_path / "live [2020]" / "song [encore].wav")
     assert not is_catalog_source(str(tmp_path / "live [2020]" / "song [encore].wav"))
     assert is_catalog_source(str(tmp_path / "live [2020]")) and is_catalog_source(str(listing))
-    (bracketed,) = list_catalog(str(tmp_path / "live [2020]"))
+    (bracketed,) = listed(str(tmp_path / "live [2020]"))
     assert bracketed.track_id == "song [encore].wav"
 
 
@@ -100,7 +107,8 @@ def test_hostile_keys_never_leave_the_destination(tmp_path, track_id):
 
 
 def test_output_keys_are_unique_and_keep_clean_names():
-    keys = assign_output_keys(["song.wav", "song.flac", "dir/x.mp3", "dir/../x.mp3", *HOSTILE_KEYS])
+    ids = ["song.wav", "song.flac", "dir/x.mp3", "dir/../x.mp3", *HOSTILE_KEYS]
+    keys = dict(zip(ids, assign_output_keys(ids), strict=True))
     assert keys["dir/x.mp3"] == "dir/x"
     assert keys["song.wav"] != keys["song.flac"]
     assert keys["song.wav"].startswith("song-")
@@ -112,7 +120,7 @@ def test_hostile_s3_keys_are_listed_verbatim_and_mapped_safely(s3_bucket, tmp_pa
     for key in ["a.wav", "../escape.wav", "x/../../up.wav", "./dot.wav", "sp ace ünï.wav"]:
         fs.pipe(f"{bucket}/music/{key}", b"RIFF")
     fs.pipe(f"{bucket}/music/readme.md", b"text")
-    tracks = list_catalog(f"s3://{bucket}/music", options)
+    tracks = listed(f"s3://{bucket}/music", options)
     assert {t.track_id for t in tracks} == {
         "a.wav",
         "../escape.wav",
@@ -131,9 +139,9 @@ def test_hostile_s3_keys_are_listed_verbatim_and_mapped_safely(s3_bucket, tmp_pa
 def test_s3_versions_change_with_content(s3_bucket):
     fs, bucket, options = s3_bucket
     fs.pipe(f"{bucket}/lib/a.wav", b"one")
-    before = list_catalog(f"s3://{bucket}/lib", options)[0].source_version
+    before = listed(f"s3://{bucket}/lib", options)[0].source_version
     fs.pipe(f"{bucket}/lib/a.wav", b"two")
-    assert list_catalog(f"s3://{bucket}/lib", options)[0].source_version != before
+    assert listed(f"s3://{bucket}/lib", options)[0].source_version != before
 
 
 def manifest_row(track_id, status, version, model="m1", options="o1", finished=1):
@@ -174,13 +182,12 @@ def test_plan_skips_only_tracks_whose_last_ok_row_still_holds(tmp_path):
     assert table.num_rows == 6 and len(writer.parts) == 3
     versions = {"changed.wav": "v2"}
     names = ["same", "changed", "failed", "remodel", "later", "new"]
-    tracks = [
-        CatalogTrack(f"{n}.wav", f"/src/{n}.wav", 10, versions.get(f"{n}.wav", "v1"), n)
-        for n in names
-    ]
-    plan = plan_tracks(tracks, done_records(table), "m1", "o1")
-    assert sorted(t.track_id for t in plan.skipped) == ["later.wav", "same.wav"]
-    assert sorted(t.track_id for t in plan.todo) == [
+    tracks = listing_table(
+        (f"{n}.wav", f"/src/{n}.wav", 10, versions.get(f"{n}.wav", "v1")) for n in names
+    )
+    plan = plan_tracks(tracks, latest_done(table), "m1", "o1")
+    assert plan.skipped == 2 and plan.listed == 6 and plan.lost == 0
+    assert plan.todo["track_id"].to_pylist() == [
         "changed.wav",
         "failed.wav",
         "new.wav",
@@ -222,7 +229,7 @@ def test_destination_inside_the_source_is_not_listed(tmp_path):
     write_tone(tmp_path / "lib" / "song.wav")
     write_tone(tmp_path / "lib" / "out" / "stems" / "song" / "drums.wav")
     write_tone(tmp_path / "lib" / "outtakes" / "take.wav")
-    tracks = list_catalog(str(tmp_path / "lib"), exclude=str(tmp_path / "lib" / "out"))
+    tracks = listed(str(tmp_path / "lib"), exclude=str(tmp_path / "lib" / "out"))
     assert [t.track_id for t in tracks] == ["outtakes/take.wav", "song.wav"]
 
 
@@ -232,7 +239,7 @@ def test_memory_filesystem_listing_and_manifests():
     memory = fsspec.filesystem("memory")
     memory.pipe("/lib/a/b.wav", b"x" * 5)
     memory.pipe("/lib/c.txt", b"no")
-    (track,) = list_catalog("memory://lib")
+    (track,) = listed("memory://lib")
     assert (track.track_id, track.source_size, track.source_uri) == (
         "a/b.wav",
         5,
@@ -242,6 +249,60 @@ def test_memory_filesystem_listing_and_manifests():
     writer = ManifestWriter(fs, root, "r1")
     writer.add(manifest_row("a/b.wav", "ok", track.source_version))
     writer.close()
-    assert plan_tracks([track], done_records(read_manifests(fs, root)), "m1", "o1").skipped == [
-        track
-    ]
+    plan = plan_tracks(
+        list_catalog("memory://lib"), latest_done(read_manifests(fs, root)), "m1", "o1"
+    )
+    assert plan.skipped == 1 and plan.planned == 0
+
+
+def test_done_tracks_whose_stems_are_gone_are_planned_again_and_named(tmp_path):
+    """One listing of DST/stems per run: a done track missing any stem is separated again and
+    counted as lost; partial files of killed writers are removed on the way."""
+    fs, root = open_location(str(tmp_path / "out"))
+    names = ["kept", "lost", "half"]
+    tracks = listing_table((f"{n}.wav", f"/src/{n}.wav", 10, "v1") for n in names)
+    writer = ManifestWriter(fs, root, "r1")
+    for name in names:
+        writer.add(manifest_row(f"{name}.wav", "ok", "v1"))
+    writer.close()
+    for name in ("kept", "half"):
+        for stem in STEMS if name == "kept" else STEMS[:2]:
+            write_bytes(fs, f"{root}/stems/{name}/{stem}.flac", b"fLaC")
+    partial = tmp_path / "out" / "stems" / "half" / ".other.flac.0a1b2c3d.partial"
+    partial.write_bytes(b"killed mid-write")
+    stems, removed = survey_stems(fs, root)
+    assert removed == 1 and not partial.exists() and len(stems) == 6
+    done, quarantined = read_done(fs, root)
+    plan = plan_tracks(tracks, done, "m1", "o1", stems, "flac")
+    assert plan.todo["track_id"].to_pylist() == ["half.wav", "lost.wav"]
+    assert (plan.skipped, plan.lost, plan.lost_examples) == (1, 2, ["half.wav", "lost.wav"])
+    assert quarantined == []
+    # a stem of another format is not the one the row promises
+    assert plan_tracks(tracks, done, "m1", "o1", stems, "wav").lost == 3
+    assert StemIndex([]).holds(["kept/drums.flac"]).tolist() == [False]
+
+
+def test_an_unreadable_manifest_part_is_moved_aside_and_its_tracks_planned_again(tmp_path):
+    """A truncated part (a writer killed mid-copy on a disk without atomic renames, a bad
+    sync) would stop every reader of the hive dataset: it goes to manifest/_quarantine/, which
+    pyarrow's dataset discovery skips, and its tracks have no done row any more."""
+    import pyarrow.dataset as ds
+
+    fs, root = open_location(str(tmp_path))
+    writer = ManifestWriter(fs, root, "good")
+    writer.add(manifest_row("a.wav", "ok", "v1"))
+    writer.close()
+    broken = ManifestWriter(fs, root, "broken")
+    broken.add(manifest_row("b.wav", "ok", "v1"))
+    broken.close()
+    part = tmp_path / "manifest" / "run=broken" / "part-00000.parquet"
+    part.write_bytes(part.read_bytes()[:40])  # truncated
+    with pytest.raises(Exception):  # noqa: B017 (what readers saw before: any error at all)
+        ds.dataset(str(tmp_path / "manifest"), partitioning="hive").to_table()
+    done, quarantined = read_done(fs, root)
+    assert done["track_id"].to_pylist() == ["a.wav"] and not part.exists()
+    assert quarantined == [str(tmp_path / "manifest" / "_quarantine" / "run=broken" / part.name)]
+    table = ds.dataset(str(tmp_path / "manifest"), partitioning="hive").to_table()
+    assert table["track_id"].to_pylist() == ["a.wav"]
+    tracks = listing_table((f"{n}.wav", f"/src/{n}.wav", 10, "v1") for n in ("a", "b"))
+    assert plan_tracks(tracks, done, "m1", "o1").todo["track_id"].to_pylist() == ["b.wav"]

@@ -103,6 +103,7 @@ def test_s3_catalog_is_separated_then_rerun_incrementally(
         "error": 0,
         "skipped": 0,
         "not_processed": 0,
+        "lost": 0,
     }
     rows = manifest_rows(destination, options)
     assert set(rows[0]) >= REQUIRED_COLUMNS and len(rows) == 4
@@ -307,7 +308,8 @@ def test_cpu_workers_of_a_local_cluster_compute_on_the_cpus_no_worker_holds(ray_
     import ray
 
     from flows.separate import _size_workers
-    from pipeline.catalog.job import JobConfig, SeparateWorker
+    from pipeline.catalog.job import JobConfig
+    from pipeline.catalog.worker import SeparateWorker
     from pipeline.separator import Separator
 
     cpus = ray.cluster_resources()["CPU"]
@@ -328,7 +330,7 @@ def test_cpu_workers_of_a_local_cluster_compute_on_the_cpus_no_worker_holds(ray_
     assert _size_workers(ray, replace(config, workers=1), strict=False).network_threads == 0
     threads = torch.get_num_threads()
     try:
-        SeparateWorker(model, replace(alone, network_threads=threads + 1))
+        SeparateWorker(model, replace(alone, network_threads=threads + 1), board=None)
         assert torch.get_num_threads() == threads + 1
     finally:
         torch.set_num_threads(threads)

@@ -556,3 +556,60 @@ def test_flac_outputs_that_would_clip_are_written_scaled_and_the_stems_by_one_ga
     assert sorted(p.name for p in (tmp_path / "out" / "loud").iterdir()) == sorted(
         f"{name}.flac" for name in outputs
     )  # the first, clipped writes are gone
+
+
+_STRESS = """
+import gc, random, sys, tempfile
+from pathlib import Path
+import numpy as np
+import torch
+from model import MultiTasNet, TasNetConfig
+from pipeline.audio import write_audio
+from pipeline.bench.signals import bench_audio
+from pipeline.separator import Separator
+
+gc.set_threshold(20, 2, 2)  # collections all the time: abandoned objects are finalised anywhere
+torch.manual_seed(0)
+model = MultiTasNet(TasNetConfig(N=16, B=8, H=8, layers=2, stack=1, num_mels=8)).eval()
+separator = Separator(model, "cpu", "float32", segment=0.5, context=0.125, batch_size=3)
+work = Path(tempfile.mkdtemp())
+rate = 8000
+sources = []
+for k in range(4):
+    sources.append(work / f"{k}.wav")
+    write_audio(sources[-1], bench_audio(1.0 + 0.3 * k, rate, seed=k), rate, format="wav")
+(work / "broken.wav").write_bytes(b"RIFF not audio")
+random.seed(1)
+
+class Stop(Exception):
+    pass
+
+def stop_at(when):
+    def callback(done, total):
+        if done >= when:
+            raise Stop
+    return callback
+
+for round in range(int(sys.argv[1])):
+    jobs = [(path, work / "out" / f"{round}-{path.stem}") for path in sources]
+    results = separator.separate_files([*jobs, (work / "broken.wav", work / "out" / "b")])
+    assert sum(not isinstance(r, Exception) for r in results) == 4, results
+    try:
+        separator.separate_file(sources[round % 4], work / "early", callback=stop_at(random.randint(1, 6)))
+    except Stop:
+        pass
+    separator.separate_many([(bench_audio(0.7, rate, seed=round), rate), (np.zeros((1, 0), np.float32), rate)])
+print("done", flush=True)
+"""
+
+
+@pytest.mark.slow  # a fresh Python process, 40 rounds
+def test_the_multi_track_path_survives_early_stops_and_constant_collections():
+    """Every thread the engine starts is stopped by its owner: 40 rounds of separations of
+    several files (one broken), early stops from the callback and arrays, with the garbage
+    collector running all the time, end within the deadline (a pool left to the collector once
+    deadlocked the whole process)."""
+    done = subprocess.run(
+        [sys.executable, "-c", _STRESS, "40"], capture_output=True, text=True, timeout=240
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr[-3000:]

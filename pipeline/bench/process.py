@@ -7,7 +7,6 @@ import multiprocessing
 import os
 import platform
 import resource
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from pipeline.periodic import Periodic
 
 _KIB = 1024 / 2**20  # kB in MiB
 
@@ -36,28 +37,18 @@ class MemoryPeaks:
         }
 
 
-class ProcessTreeMemory:
+class ProcessTreeMemory(Periodic):
     """Samples this process and all its descendants in a background thread (a context
     manager); ``peaks`` holds what it saw."""
 
     def __init__(self, interval: float = 0.2, root: int | None = None) -> None:
-        self.interval, self.root = interval, root or os.getpid()
+        super().__init__(interval, self.sample, "memory")
+        self.root = root or os.getpid()
         self.peaks = MemoryPeaks()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    def __enter__(self) -> ProcessTreeMemory:
-        self._thread.start()
-        return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        super().__exit__(*exc)
         self.sample()
-
-    def _watch(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.sample()
 
     def sample(self) -> None:
         """Read every process of the tree once."""

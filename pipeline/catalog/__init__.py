@@ -6,11 +6,11 @@ runs it when SRC is a folder, prefix, glob or manifest of URIs.
 """
 
 from pipeline.catalog.job import JobConfig, JobResult, run_job
-from pipeline.catalog.listing import CatalogTrack, is_catalog_source, list_catalog
+from pipeline.catalog.listing import TRACK_SCHEMA, is_catalog_source, list_catalog
 from pipeline.catalog.plan import Plan, plan_tracks
 
 __all__ = [
-    "CatalogTrack",
+    "TRACK_SCHEMA",
     "JobConfig",
     "JobResult",
     "Plan",

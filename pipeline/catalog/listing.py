@@ -12,10 +12,11 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
@@ -27,17 +28,22 @@ from pipeline.storage.paths import assign_output_keys
 
 MANIFEST_EXTENSIONS = frozenset({".txt", ".csv", ".parquet"})
 _GLOB_CHARACTERS = "*?["
-
-
-@dataclass(frozen=True)
-class CatalogTrack:
-    """One audio file of the catalog."""
-
-    track_id: str  # path relative to SOURCE, '/'-separated, as the store spells it
-    source_uri: str  # full URL (or local path) to read it from
-    source_size: int  # bytes
-    source_version: str  # ETag, generation or modification time: changes when the file does
-    output_key: str  # sanitised, unique relative folder of its stems under DST/stems/
+# One row per audio file of the catalog. track_id: the path relative to SOURCE, '/'-separated, as
+# the store spells it; source_uri: the full URL (or local path) to read it from; source_version:
+# ETag, generation or modification time, which changes when the file does; output_key: the
+# sanitised, unique folder of its stems under DST/stems/.
+TRACK_SCHEMA = pa.schema(
+    [
+        ("track_id", pa.string()),
+        ("source_uri", pa.string()),
+        ("source_size", pa.int64()),
+        ("source_version", pa.string()),
+        ("output_key", pa.string()),
+    ]
+)
+_CHUNK = 1 << 16  # listing entries gathered into one Arrow batch
+# (track_id, source_uri, source_size, source_version) of one audio file, as a listing yields it
+Entry = tuple[str, str, int, str]
 
 
 def is_catalog_source(source: str, storage_options: dict[str, Any] | None = None) -> bool:
@@ -63,49 +69,130 @@ def _kind(fs, path: str, source: str) -> str:
 
 def list_catalog(
     source: str, storage_options: dict[str, Any] | None = None, exclude: str | None = None
-) -> list[CatalogTrack]:
-    """Every audio file of ``source``, sorted by ``track_id``; files under ``exclude`` (the
-    destination, when it lies inside the source) are left out, or a run would list its own
-    stems as new tracks."""
+) -> pa.Table:
+    """Every audio file of ``source`` (:data:`TRACK_SCHEMA`, sorted by ``track_id``); files
+    under ``exclude`` (the destination, when it lies inside the source) are left out, or a run
+    would list its own stems as new tracks. Folders and prefixes are listed as a stream (a
+    million files never sit in memory as Python objects)."""
     source = str(source)
+    table = listing_table(_entries(source, storage_options, exclude))
+    if not table.num_rows:
+        raise CatalogError(
+            f"{source}: no audio files (looked for {', '.join(sorted(AUDIO_EXTENSIONS))})"
+        )
+    return table
+
+
+def has_audio(source: str, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether ``source`` holds at least one audio file (it stops at the first one found)."""
+    return next(_entries(str(source), storage_options, None), None) is not None
+
+
+def listing_table(entries: Iterable[Entry]) -> pa.Table:
+    """The listing of a catalog from its entries, in Arrow: sorted by ``track_id``, one row per
+    track (the first entry of a repeated one), each with its output folder."""
+    batches, chunk = [], []
+    for entry in entries:
+        chunk.append(entry)
+        if len(chunk) == _CHUNK:
+            batches.append(_batch(chunk))
+            chunk = []
+    batches.append(_batch(chunk))
+    table = pa.Table.from_batches(batches).combine_chunks()
+    table = table.group_by("track_id", use_threads=False).aggregate(
+        [(name, "first") for name in TRACK_SCHEMA.names[1:4]]
+    )
+    table = table.rename_columns(TRACK_SCHEMA.names[:4]).sort_by("track_id")
+    keys = assign_output_keys(table["track_id"].to_pylist())
+    return table.append_column("output_key", pa.array(keys, pa.string())).cast(TRACK_SCHEMA)
+
+
+def _batch(entries: list[Entry]) -> pa.RecordBatch:
+    """Listing entries as one Arrow batch of the listing's first four columns."""
+    columns = list(zip(*entries, strict=True)) if entries else [()] * 4
+    fields = list(TRACK_SCHEMA)[:4]
+    arrays = [pa.array(column, field.type) for column, field in zip(columns, fields, strict=True)]
+    return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _entries(
+    source: str, storage_options: dict[str, Any] | None, exclude: str | None
+) -> Iterator[Entry]:
+    """The audio files of ``source`` as listing entries, outside ``exclude``."""
     fs, path = open_location(source, storage_options)
     excluded = _excluded_prefix(fs, exclude, storage_options)
     fs.invalidate_cache()  # fsspec keeps listings per filesystem instance; a catalog changes
     kind = _kind(fs, path, source)
     if kind == "folder":
-        entries = retry_storage(lambda: fs.find(path, detail=True), f"listing {source}")
-        found = [(_relative(name, path), info) for name, info in entries.items()]
+        found = walk_files(fs, path, source)
     elif kind == "glob":
         base = path[: min(path.find(c) for c in _GLOB_CHARACTERS if c in path)]
         base = base.rsplit("/", 1)[0] if "/" in base else ""
         entries = retry_storage(lambda: fs.glob(path, detail=True), f"listing {source}")
-        found = [(_relative(name, base), info) for name, info in entries.items()]
+        found = ((_relative(name, base), info) for name, info in entries.items())
     elif kind == "file" and posixpath.splitext(path)[1].lower() in MANIFEST_EXTENSIONS:
-        found = _manifest_entries(fs, path, source, storage_options)
+        found = iter(_manifest_entries(fs, path, source, storage_options))
     else:
         raise CatalogError(f"{source}: no such folder, prefix, glob or manifest of URIs")
-    infos = {
-        track_id: info
-        for track_id, info in found
-        if info.get("type", "file") == "file"
-        and is_audio_name(track_id)
-        and not (excluded and info["name"].startswith(excluded))
-    }
-    if not infos:
-        raise CatalogError(
-            f"{source}: no audio files (looked for {', '.join(sorted(AUDIO_EXTENSIONS))})"
+    for track_id, info in found:
+        if (
+            info.get("type", "file") == "file"
+            and is_audio_name(track_id)
+            and not (excluded and info["name"].startswith(excluded))
+        ):
+            uri = info.get("uri") or full_url(fs, info["name"])
+            yield track_id, uri, int(info.get("size") or 0), source_version(info)
+
+
+def walk_files(fs, path: str, source: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every file below ``path`` with its info, as a stream where the store allows: a local
+    folder walked with ``scandir``, an S3 prefix a page at a time; elsewhere ``find``."""
+    if isinstance(fs, LocalFileSystem):
+        yield from _walk_local(path)
+    elif type(fs).__name__ == "S3FileSystem":
+        yield from _walk_s3(fs, path, source)
+    else:
+        entries = retry_storage(lambda: fs.find(path, detail=True), f"listing {source}")
+        yield from ((_relative(name, path), info) for name, info in entries.items())
+
+
+def _walk_local(root: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Files below a local folder (symbolic links followed, as fsspec's ``find`` does), with
+    the size and modification time fsspec's ``info`` gives."""
+    folders = [root]
+    while folders:
+        folder = folders.pop()
+        try:
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.is_dir():
+                        folders.append(entry.path)
+                    elif entry.is_file():
+                        stat = entry.stat()
+                        info = {"name": entry.path, "size": stat.st_size, "mtime": stat.st_mtime}
+                        yield _relative(entry.path, root), info
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # removed while we listed
+
+
+def _walk_s3(fs, path: str, source: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Objects below an S3 prefix, a page (1,000 keys) at a time, each request retried."""
+    from fsspec.asyn import sync
+
+    bucket, _, prefix = path.partition("/")
+    request = {"Bucket": bucket, "Prefix": f"{prefix}/" if prefix else ""}
+    while True:
+        page = retry_storage(
+            lambda: sync(fs.loop, fs._call_s3, "list_objects_v2", **request),
+            f"listing {source}",
         )
-    keys = assign_output_keys(list(infos))
-    return [
-        CatalogTrack(
-            track_id=track_id,
-            source_uri=info.get("uri") or full_url(fs, info["name"]),
-            source_size=int(info.get("size") or 0),
-            source_version=source_version(info),
-            output_key=keys[track_id],
-        )
-        for track_id, info in sorted(infos.items())
-    ]
+        for item in page.get("Contents", []):
+            name = f"{bucket}/{item['Key']}"
+            info = {"name": name, "size": item["Size"], "ETag": item.get("ETag"), "type": "file"}
+            yield _relative(name, path), info
+        if not page.get("IsTruncated"):
+            return
+        request["ContinuationToken"] = page["NextContinuationToken"]
 
 
 def _excluded_prefix(fs, exclude: str | None, storage_options: dict[str, Any] | None) -> str:

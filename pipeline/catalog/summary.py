@@ -40,13 +40,15 @@ def build_summary(
         "options_hash": options_hash,
         "started_at": started_at.isoformat(),
         "finished_at": finished_at.isoformat(),
-        "tracks": counts(
-            listed=len(plan.todo) + len(plan.skipped),
-            planned=len(plan.todo),
-            skipped=len(plan.skipped),
-            tally=result,
-        ),
-        "stopped_early": result.stopped_early,
+        "tracks": {
+            **counts(listed=plan.listed, planned=plan.planned, skipped=plan.skipped, tally=result),
+            "lost": plan.lost,
+        },
+        "stopped": result.stopped,
+        "lost": plan.lost_examples,
+        "partials_removed": plan.partials_removed,
+        "quarantined": plan.quarantined,
+        "journaled": result.journaled,
         "audio_seconds": round(result.audio_s, 3),
         "wall_seconds": round(wall_s, 3),
         "job_seconds": round(result.wall_s, 3),
@@ -74,6 +76,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"run {summary['run_id']}: {tracks['listed']} tracks listed, {tracks['skipped']} already "
         f"done, {tracks['planned']} planned: {tracks['ok']} ok, {tracks['error']} failed"
         + (f", {tracks['not_processed']} not processed" if tracks["not_processed"] else ""),
+        *_warnings(summary),
         f"separated {summary['audio_seconds']:.1f} s of audio in {summary['job_seconds']:.1f} s"
         + (f" ({speed:.2f} s of audio per second)" if speed else "")
         + f"; whole run {summary['wall_seconds']:.1f} s"
@@ -107,3 +110,28 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"stems: {summary['stems']}/")
     lines.append(f"manifest: {summary['manifest']}/ (one row per track and run)")
     return "\n".join(lines)
+
+
+def _warnings(summary: dict[str, Any]) -> list[str]:
+    """The lines about what went wrong around the tracks: why the run stopped early, stems
+    that were lost, leftovers cleaned up, rows waiting in the journal."""
+    lines = []
+    if summary["stopped"]:
+        lines.append(f"stopped early: {summary['stopped']}; the rest is left for the next run")
+    if summary["tracks"]["lost"]:
+        names = ", ".join(summary["lost"][:5])
+        more = summary["tracks"]["lost"] - min(5, len(summary["lost"]))
+        lines.append(
+            f"  {summary['tracks']['lost']} track(s) separated again, their stems were gone: "
+            f"{names}" + (f" and {more} more" if more else "")
+        )
+    if summary["partials_removed"]:
+        lines.append(f"  removed {summary['partials_removed']} partial file(s) of killed writers")
+    for part in summary["quarantined"]:
+        lines.append(f"  unreadable manifest part moved to {part}; its tracks were planned again")
+    if summary["journaled"]:
+        lines.append(
+            f"  {summary['journaled']} manifest file(s) wait in the local journal: the "
+            "destination did not take them; the next run publishes them"
+        )
+    return lines

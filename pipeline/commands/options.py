@@ -120,3 +120,12 @@ def add_catalog_arguments(parser: argparse.ArgumentParser) -> None:
         "--fail-on-error", action="store_true", help="stop at the first track that fails"
     )
     group.add_argument("--run-id", help="name of the run (default: UTC time and a random suffix)")
+    group.add_argument(
+        "--stall-timeout", type=float, metavar="S", help=setting_help("stall_timeout")
+    )
+    group.add_argument("--timeout", type=float, metavar="S", help=setting_help("timeout"))
+    group.add_argument(
+        "--wait",
+        action="store_true",
+        help="wait while another run holds DST (default: say who holds it and exit with code 3)",
+    )

@@ -81,14 +81,9 @@ TracksPerCall = Annotated[
 ]
 
 
-class SeparationOptions(BaseModel):
-    """How to separate: the weights, the precision, the windows, the batching, the stem format.
-
-    Frozen and checked on construction (a bad value raises pydantic's ``ValidationError``,
-    which :func:`pipeline.settings.describe_errors` turns into one line per field). The device is
-    not an option: it is where a separator runs, and ``precision="auto"`` is resolved there."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
+class SeparationFields(BaseModel):
+    """The fields of the separation options, with their types, bounds and defaults: those of
+    :class:`SeparationOptions`, and the same settings in :class:`pipeline.settings.Settings`."""
 
     checkpoint: Checkpoint = "default"
     precision: Precision = "auto"
@@ -97,6 +92,16 @@ class SeparationOptions(BaseModel):
     batch_size: BatchSize = None
     tracks_per_call: TracksPerCall = None
     stem_format: StemFormat = "flac"
+
+
+class SeparationOptions(SeparationFields):
+    """How to separate: the weights, the precision, the windows, the batching, the stem format.
+
+    Frozen and checked on construction (a bad value raises pydantic's ``ValidationError``,
+    which :func:`pipeline.settings.describe_errors` turns into one line per field). The device is
+    not an option: it is where a separator runs, and ``precision="auto"`` is resolved there."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     def tracks_on(self, device: str | torch.device) -> int:
         """Tracks to separate together on ``device``: as given, else several on a GPU, whose

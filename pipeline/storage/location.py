@@ -16,6 +16,7 @@ so MinIO, Ceph RGW and AWS all work), ``gs://`` where gcsfs is installed, ``memo
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import posixpath
@@ -31,7 +32,15 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # Errors that say something about the request, not the network: retrying cannot help.
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+_PERMANENT = (
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+)
+# What a local disk says that waiting will not change: full, read-only, over quota
+_PERMANENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT}
 # Network errors some clients raise without wrapping them in OSError (botocore, aiohttp).
 _TRANSIENT_NAMES = {
     "EndpointConnectionError",
@@ -63,7 +72,7 @@ def full_url(fs, path: str) -> str:
 
 def is_transient(error: BaseException) -> bool:
     """Whether an error from a storage call may go away when the call is repeated."""
-    if isinstance(error, _PERMANENT):
+    if isinstance(error, _PERMANENT) or getattr(error, "errno", None) in _PERMANENT_ERRNOS:
         return False
     if isinstance(error, OSError | TimeoutError | ConnectionError):
         return True
@@ -71,12 +80,17 @@ def is_transient(error: BaseException) -> bool:
 
 
 def retry_storage(
-    call: Callable[[], T], what: str, attempts: int = 5, first_delay: float = 0.5
+    call: Callable[[], T],
+    what: str,
+    attempts: int = 5,
+    first_delay: float = 0.5,
+    quiet: bool = False,
 ) -> T:
     """Run ``call``, repeating it with exponential back-off while it fails transiently.
 
     Object stores fail now and then (throttling, resets, timeouts); a catalog of 100,000 tracks
-    meets such errors every night, and one of them must not cost a track.
+    meets such errors every night, and one of them must not cost a track. Each retry is a
+    warning, unless ``quiet`` (a check whose caller reports the outcome in a line of its own).
     """
     delay = first_delay
     for attempt in range(1, attempts + 1):
@@ -85,7 +99,8 @@ def retry_storage(
         except Exception as error:
             if not is_transient(error) or attempt == attempts:
                 raise
-            log.warning("%s failed (%s), retry %d/%d", what, error, attempt, attempts - 1)
+            level = logging.DEBUG if quiet else logging.WARNING
+            log.log(level, "%s failed (%s), retry %d/%d", what, error, attempt, attempts - 1)
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
@@ -96,7 +111,7 @@ def read_bytes(fs, path: str) -> bytes:
     return retry_storage(lambda: fs.cat_file(path), f"reading {path}")
 
 
-def write_bytes(fs, path: str, data: bytes) -> None:
+def write_bytes(fs, path: str, data: bytes, quiet: bool = False) -> None:
     """Write ``data`` to ``path`` so that the object appears whole or not at all.
 
     Object stores publish an upload only when it completes; on a local disk the bytes go to a
@@ -117,7 +132,7 @@ def write_bytes(fs, path: str, data: bytes) -> None:
         else:
             fs.pipe_file(path, data)
 
-    retry_storage(write, f"writing {path}")
+    retry_storage(write, f"writing {path}", quiet=quiet)
 
 
 def upload_file(fs, local_path: str | os.PathLike, path: str) -> None:

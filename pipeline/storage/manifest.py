@@ -12,8 +12,8 @@ import logging
 import posixpath
 import threading
 import uuid
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,11 +21,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.storage.location import read_bytes, retry_storage, write_bytes
+from pipeline.periodic import Periodic
+from pipeline.storage.errors import readable_error
+from pipeline.storage.journal import Journal
+from pipeline.storage.location import StorageError, read_bytes, retry_storage, write_bytes
 
 log = logging.getLogger(__name__)
 
 _TIME = pa.timestamp("us", tz="UTC")
+QUARANTINE = "_quarantine"  # manifest parts that could not be read, moved aside
 MANIFEST_SCHEMA = pa.schema(
     [
         ("run_id", pa.string()),
@@ -54,15 +58,6 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 
-@dataclass(frozen=True)
-class DoneRecord:
-    """What the last ``ok`` row of a track says it was made from."""
-
-    source_version: str
-    model_id: str
-    options_hash: str
-
-
 def new_run_id() -> str:
     """A sortable, unique run name: UTC time plus a random suffix."""
     return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
@@ -72,28 +67,52 @@ def manifest_root(destination: str) -> str:
     return posixpath.join(destination, "manifest")
 
 
-def read_manifests(fs, destination: str, schema: pa.Schema = MANIFEST_SCHEMA) -> pa.Table:
+def read_manifests(
+    fs,
+    destination: str,
+    schema: pa.Schema = MANIFEST_SCHEMA,
+    columns: Sequence[str] | None = None,
+    on_unreadable: Callable[[str, Exception], None] | None = None,
+) -> pa.Table:
     """Every manifest row ever written under ``destination`` (an empty table if none).
 
     ``schema`` is the manifest's kind: the separation's by default, the evaluation's for an
-    evaluation destination (the same layout, other columns)."""
+    evaluation destination (the same layout, other columns). ``columns`` reads only those (a
+    planner over a million rows needs five). A part that cannot be read (truncated, not
+    Parquet) is skipped with a warning, or handed to ``on_unreadable(path, error)``."""
     pattern = posixpath.join(manifest_root(destination), "run=*", "*.parquet")
     fs.invalidate_cache()
     paths = sorted(retry_storage(lambda: fs.glob(pattern), f"listing {pattern}"))
+    wanted = [name for name in schema.names if columns is None or name in columns]
 
     def read(path: str) -> pa.Table | None:
         try:
-            table = pq.read_table(io.BytesIO(read_bytes(fs, path)))
+            part = pq.ParquetFile(io.BytesIO(read_bytes(fs, path)))
+            present = [name for name in wanted if name in part.schema_arrow.names]
+            return part.read(columns=present)
         except (pa.ArrowInvalid, OSError) as error:
-            log.warning("ignoring unreadable manifest %s: %s", path, error)
+            if on_unreadable is None:
+                log.warning("ignoring unreadable manifest %s: %s", path, error)
+            else:
+                on_unreadable(path, error)
             return None
-        return table.select([n for n in schema.names if n in table.column_names])
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         tables = [table for table in pool.map(read, paths) if table is not None]
+    empty = pa.schema([schema.field(name) for name in wanted]).empty_table()
     if not tables:
-        return schema.empty_table()
-    return pa.concat_tables(tables, promote_options="permissive")
+        return empty
+    return pa.concat_tables([empty, *tables], promote_options="permissive")
+
+
+def quarantine_part(fs, destination: str, path: str) -> str:
+    """Move an unreadable manifest part aside, to ``manifest/_quarantine/`` (which readers,
+    ``pyarrow.dataset`` included, skip: its name starts with ``_``); returns where it went."""
+    root = manifest_root(destination)
+    target = posixpath.join(root, QUARANTINE, posixpath.relpath(path, root))
+    fs.makedirs(posixpath.dirname(target), exist_ok=True)  # a local disk's folders; no-op on S3
+    retry_storage(lambda: fs.mv(path, target), f"moving {path} aside")
+    return target
 
 
 def latest_ok_rows(manifests: pa.Table, key: tuple[str, ...] = ("track_id",)) -> dict:
@@ -105,17 +124,31 @@ def latest_ok_rows(manifests: pa.Table, key: tuple[str, ...] = ("track_id",)) ->
     return {tuple(row[name] for name in key): row for row in rows}
 
 
-def done_records(manifests: pa.Table) -> dict[str, DoneRecord]:
-    """Per track, what its most recent ``ok`` row was made from."""
-    return {
-        track_id: DoneRecord(row["source_version"], row["model_id"], row["options_hash"])
-        for track_id, row in latest_ok_rows(manifests).items()
-    }
+# The columns a planner reads: what made each track's last ok row
+DONE_COLUMNS = ("track_id", "status", "source_version", "model_id", "options_hash", "finished_at")
+
+
+def latest_done(manifests: pa.Table) -> pa.Table:
+    """Per track, what its most recent ``ok`` row was made from: ``track_id``,
+    ``source_version``, ``model_id``, ``options_hash`` (columnar, for a planner)."""
+    ok = manifests.filter(pc.equal(manifests["status"], "ok"))
+    ok = ok.sort_by([("finished_at", "ascending")])
+    named = ["source_version", "model_id", "options_hash"]
+    latest = ok.group_by("track_id", use_threads=False).aggregate(
+        [(name, "last") for name in named]
+    )
+    return latest.rename_columns(["track_id", *named])
 
 
 class ManifestWriter:
     """Buffers rows and writes them as Parquet parts of one run: every ``flush_rows`` rows, at
-    least every ``flush_seconds`` seconds (a background timer), and on :meth:`close`."""
+    least every ``flush_seconds`` seconds (a background timer, stopped by :meth:`close`), and on
+    :meth:`close`.
+
+    A part the store does not take (after the storage layer's own retries: down, full,
+    read-only, any error) goes to the ``journal`` on this machine instead, and every later flush
+    tries to publish the journal first: rows are never held only in memory for longer than a
+    flush interval, whatever the store does. Without a journal the error is raised."""
 
     def __init__(
         self,
@@ -125,17 +158,24 @@ class ManifestWriter:
         flush_rows: int = 256,
         flush_seconds: float = 10.0,
         schema: pa.Schema = MANIFEST_SCHEMA,
+        journal: Journal | None = None,
     ) -> None:
         self.fs = fs
         self.schema = schema
+        self.root = destination
         self.folder = posixpath.join(manifest_root(destination), f"run={run_id}")
         self.flush_rows = flush_rows
         self.rows: list[dict[str, Any]] = []
-        self.parts: list[str] = []
+        self.parts: list[str] = []  # where each part is: the destination, or the journal
+        self.journal = journal
+        self._count = 0
         self._lock = threading.Lock()
-        self._closed = threading.Event()
-        self._timer = threading.Thread(target=self._flush_every, args=(flush_seconds,), daemon=True)
-        self._timer.start()
+        self._timer = Periodic(flush_seconds, self.flush, "manifest").start()
+
+    @property
+    def journaled(self) -> int:
+        """Files of this destination waiting in the journal (0 without a journal)."""
+        return len(self.journal.pending()) if self.journal is not None else 0
 
     def add(self, row: dict[str, Any]) -> None:
         with self._lock:
@@ -149,24 +189,45 @@ class ManifestWriter:
             self._write_part()
 
     def close(self) -> None:
-        self._closed.set()
-        self._timer.join()
+        """Stop the timer, then write what is left (to the journal if the store is down)."""
+        self._timer.stop()
         self.flush()
 
-    def _flush_every(self, seconds: float) -> None:
-        while not self._closed.wait(seconds):
-            try:
-                self.flush()
-            except OSError as error:  # the next flush (or close) tries again with these rows
-                log.warning("manifest flush failed, will retry: %s", error)
-
     def _write_part(self) -> None:
+        store_takes = self._publish_journal()
         if not self.rows:
             return
         table = pa.Table.from_pylist(self.rows, schema=self.schema)
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")
-        path = posixpath.join(self.folder, f"part-{len(self.parts):05d}.parquet")
-        write_bytes(self.fs, path, buffer.getvalue())
+        path = posixpath.join(self.folder, f"part-{self._count:05d}.parquet")
+        try:
+            if not store_takes:  # the journal's older parts go first: keep the order
+                raise StorageError("earlier parts are still waiting in the journal")
+            write_bytes(self.fs, path, buffer.getvalue())
+        except Exception as error:
+            if self.journal is None:
+                raise
+            kept = self.journal.keep(posixpath.relpath(path, self.root), buffer.getvalue())
+            log.warning(
+                "%d manifest row(s) kept in %s (the destination did not take them: %s); "
+                "published when it does",
+                len(self.rows),
+                kept,
+                readable_error(error),
+            )
+            path = str(kept)
         self.parts.append(path)
+        self._count += 1
         self.rows = []
+
+    def _publish_journal(self) -> bool:
+        """Publish the journal's waiting files; whether the destination took all of them."""
+        if self.journal is None or not self.journal.pending():
+            return True
+        try:
+            self.journal.publish()
+        except Exception as error:
+            log.debug("journal not published yet: %s", error)
+            return False
+        return True

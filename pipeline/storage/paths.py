@@ -13,6 +13,7 @@ import hashlib
 import posixpath
 import re
 from collections import Counter
+from collections.abc import Sequence
 
 from model import STEMS
 
@@ -44,14 +45,15 @@ def sanitized_key(track_id: str) -> str:
     return key if key == stem else f"{key}-{short_hash(track_id)}"
 
 
-def assign_output_keys(track_ids: list[str]) -> dict[str, str]:
-    """Output folders of a whole listing, unique: tracks that would share one get hash suffixes."""
-    keys = {track_id: sanitized_key(track_id) for track_id in track_ids}
-    counts = Counter(keys.values())
-    return {
-        track_id: key if counts[key] == 1 else f"{key}-{short_hash(track_id)}"
-        for track_id, key in keys.items()
-    }
+def assign_output_keys(track_ids: Sequence[str]) -> list[str]:
+    """Output folders of a whole listing of distinct ``track_ids``, in their order, unique:
+    tracks that would share one get hash suffixes."""
+    keys = [sanitized_key(track_id) for track_id in track_ids]
+    counts = Counter(keys)
+    return [
+        key if counts[key] == 1 else f"{key}-{short_hash(track_id)}"
+        for track_id, key in zip(track_ids, keys, strict=True)
+    ]
 
 
 def stem_paths(destination: str, output_key: str, extension: str) -> dict[str, str]:

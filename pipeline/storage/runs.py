@@ -10,11 +10,15 @@ that mean the same thing are built here, so that they read the same in both.
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.storage.journal import Journal
 from pipeline.storage.location import full_url, open_location, write_bytes
+
+log = logging.getLogger(__name__)
 
 MAX_LISTED = 100  # errors and warnings listed in a summary; the manifests hold all of them
 
@@ -112,9 +116,23 @@ def worker_summaries(tally: RunTally, busy: str) -> dict[str, dict[str, Any]]:
     }
 
 
-def write_summary(summary: dict[str, Any], storage_options: dict[str, Any] | None = None) -> str:
-    """Write ``summary`` to ``<its destination>/runs/<run_id>.json``; returns its URL."""
+def write_summary(
+    summary: dict[str, Any],
+    storage_options: dict[str, Any] | None = None,
+    journal: Journal | None = None,
+) -> str:
+    """Write ``summary`` to ``<its destination>/runs/<run_id>.json``; returns its URL. Where the
+    destination does not take it and a ``journal`` is given, it goes there (to be published by
+    the next run), and the journal's path is returned."""
     fs, root = open_location(summary["destination"], storage_options)
-    path = posixpath.join(root, "runs", f"{summary['run_id']}.json")
-    write_bytes(fs, path, json.dumps(summary, indent=2, ensure_ascii=False).encode())
-    return full_url(fs, path)
+    relative = posixpath.join("runs", f"{summary['run_id']}.json")
+    data = json.dumps(summary, indent=2, ensure_ascii=False).encode()
+    try:
+        write_bytes(fs, posixpath.join(root, relative), data)
+    except Exception as error:
+        if journal is None:
+            raise
+        kept = journal.keep(relative, data)
+        log.warning("run summary kept in %s (the destination did not take it: %s)", kept, error)
+        return str(kept)
+    return full_url(fs, posixpath.join(root, relative))

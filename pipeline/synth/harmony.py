@@ -7,6 +7,8 @@ approach notes). The accompaniment parts each take a role: sustained ``pad`` voi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from pipeline.synth.music import Chord, Feel, Part
@@ -146,87 +148,77 @@ def compose_other(
     parts = []
     playing = _playing(plan, "other")
     for index, spec in enumerate(specs):
-        part = spec.part()
         feel = Feel(rng, plan.swing, plan.swing_unit, plan.seconds_per_beat)
-        center = int(rng.integers(58, 68))
+        player = _Player(spec.part(), feel, rng, plan, int(rng.integers(58, 68)))
         for section in playing:
             if index and rng.random() > 0.35 + 0.55 * section.intensity:
                 continue
-            ROLES[spec.role](part, feel, rng, plan, section, center)
-        parts.append(part)
+            ROLES[spec.role](player, section)
+        parts.append(player.part)
     return parts
 
 
-def _pad(
-    part: Part,
-    feel: Feel,
-    rng: np.random.Generator,
-    plan: TrackPlan,
-    section: Section,
-    center: int,
-) -> None:
+@dataclass
+class _Player:
+    """One accompaniment part being played: the part its notes go to, its feel, the random
+    draws, the track's plan and the middle of the part's range."""
+
+    part: Part
+    feel: Feel
+    rng: np.random.Generator
+    plan: TrackPlan
+    center: int
+
+
+def _pad(player: _Player, section: Section) -> None:
     """Sustained voicings, one per chord, with the root doubled below now and then."""
-    previous = float(center)
+    previous = float(player.center)
     loud = 58 + 25 * section.intensity
-    for chord in _chords_in(plan, section):
+    for chord in _chords_in(player.plan, section):
         voicing = _voicing(chord, previous, size=4 if len(chord.tones) > 3 else 3)
         previous = float(np.mean(voicing))
-        if rng.random() < 0.3:
+        if player.rng.random() < 0.3:
             voicing = [voicing[0] - 12, *voicing]
-        _add_chord(part, feel, chord.start, chord.end - chord.start - 0.05, voicing, loud, section)
+        _add_chord(player, chord.start, chord.end - chord.start - 0.05, voicing, loud, section)
 
 
-def _comp(
-    part: Part,
-    feel: Feel,
-    rng: np.random.Generator,
-    plan: TrackPlan,
-    section: Section,
-    center: int,
-) -> None:
+def _comp(player: _Player, section: Section) -> None:
     """Rhythmic block chords on the style's comping rhythm; short in funk, disco and reggae."""
-    rhythms = COMP_RHYTHMS[plan.style]
-    staccato = plan.style in STACCATO_STYLES
-    previous = float(center)
+    rhythms = COMP_RHYTHMS[player.plan.style]
+    staccato = player.plan.style in STACCATO_STYLES
+    previous = float(player.center)
     loud = 65 + 30 * section.intensity
-    for chord in _chords_in(plan, section):
-        voicing = _voicing(chord, previous, size=3 + int(rng.random() < 0.4))
+    for chord in _chords_in(player.plan, section):
+        voicing = _voicing(chord, previous, size=3 + int(player.rng.random() < 0.4))
         previous = float(np.mean(voicing))
-        rhythm = rhythms[int(rng.integers(len(rhythms)))]
+        rhythm = rhythms[int(player.rng.integers(len(rhythms)))]
         onsets = [step * 0.25 for step, symbol in enumerate(rhythm) if symbol == "x"]
-        for bar_start in np.arange(chord.start, chord.end, plan.beats_per_bar):
+        for bar_start in np.arange(chord.start, chord.end, player.plan.beats_per_bar):
             for onset, following in zip(
-                onsets, [*onsets[1:], float(plan.beats_per_bar)], strict=True
+                onsets, [*onsets[1:], float(player.plan.beats_per_bar)], strict=True
             ):
-                if bar_start + onset >= chord.end or rng.random() < 0.08:
+                if bar_start + onset >= chord.end or player.rng.random() < 0.08:
                     continue
                 length = 0.2 if staccato else (following - onset) * 0.9
-                _add_chord(part, feel, bar_start + onset, length, voicing, loud, section)
+                _add_chord(player, bar_start + onset, length, voicing, loud, section)
 
 
-def _strum(
-    part: Part,
-    feel: Feel,
-    rng: np.random.Generator,
-    plan: TrackPlan,
-    section: Section,
-    center: int,
-) -> None:
+def _strum(player: _Player, section: Section) -> None:
     """Guitar strums: up to six strings spread over a few milliseconds, down and up strokes."""
-    rhythm = STRUM_RHYTHMS[int(rng.integers(len(STRUM_RHYTHMS)))]
-    spread = 0.012 / plan.seconds_per_beat
+    rhythm = STRUM_RHYTHMS[int(player.rng.integers(len(STRUM_RHYTHMS)))]
+    spread = 0.012 / player.plan.seconds_per_beat
     loud = 62 + 30 * section.intensity
-    for chord in _chords_in(plan, section):
+    for chord in _chords_in(player.plan, section):
         strings = _guitar_voicing(chord)
-        for bar_start in np.arange(chord.start, chord.end, plan.beats_per_bar):
-            for step, symbol in enumerate(rhythm[: plan.beats_per_bar * 2]):
+        for bar_start in np.arange(chord.start, chord.end, player.plan.beats_per_bar):
+            for step, symbol in enumerate(rhythm[: player.plan.beats_per_bar * 2]):
                 beat = bar_start + step * 0.5
                 if symbol != "x" or beat >= chord.end:
                     continue
                 down = step % 2 == 0
                 played = strings if down else strings[::-1][:4]
                 for order, pitch in enumerate(played):
-                    note = feel.note(
+                    note = player.feel.note(
                         beat + order * spread,
                         0.95,
                         pitch,
@@ -235,47 +227,31 @@ def _strum(
                         min(chord.end, section.end),
                     )
                     if note is not None:
-                        part.notes.append(note)
+                        player.part.notes.append(note)
 
 
-def _power(
-    part: Part,
-    feel: Feel,
-    rng: np.random.Generator,
-    plan: TrackPlan,
-    section: Section,
-    center: int,
-) -> None:
+def _power(player: _Player, section: Section) -> None:
     """Power chords (root, fifth, octave): eighth-note chugs, or held in loud sections."""
-    held = section.intensity > 0.7 and rng.random() < 0.5
+    held = section.intensity > 0.7 and player.rng.random() < 0.5
     loud = 75 + 25 * section.intensity
-    for chord in _chords_in(plan, section):
+    for chord in _chords_in(player.plan, section):
         root = 40 + (chord.root - 40) % 12
         voicing = [root, root + 7, root + 12]
         if held:
-            _add_chord(
-                part, feel, chord.start, chord.end - chord.start - 0.1, voicing, loud, section
-            )
+            _add_chord(player, chord.start, chord.end - chord.start - 0.1, voicing, loud, section)
             continue
         for beat in np.arange(chord.start, chord.end, 0.5):
             accent = 1.0 if (beat - chord.start) % 1 == 0 else 0.85
-            _add_chord(part, feel, float(beat), 0.35, voicing, loud * accent, section)
+            _add_chord(player, float(beat), 0.35, voicing, loud * accent, section)
 
 
-def _arp(
-    part: Part,
-    feel: Feel,
-    rng: np.random.Generator,
-    plan: TrackPlan,
-    section: Section,
-    center: int,
-) -> None:
+def _arp(player: _Player, section: Section) -> None:
     """Arpeggios over one and a half octaves: up, down or up-and-down, in eighths or sixteenths."""
-    step = 0.25 if plan.bpm <= 115 else 0.5
-    shape = str(rng.choice(["up", "down", "updown"]))
+    step = 0.25 if player.plan.bpm <= 115 else 0.5
+    shape = str(player.rng.choice(["up", "down", "updown"]))
     loud = 60 + 30 * section.intensity
-    for chord in _chords_in(plan, section):
-        tones = chord.pitches_in(center - 5, center + 14)
+    for chord in _chords_in(player.plan, section):
+        tones = chord.pitches_in(player.center - 5, player.center + 14)
         if shape == "down":
             tones = tones[::-1]
         elif shape == "updown":
@@ -283,11 +259,11 @@ def _arp(
         for index, beat in enumerate(np.arange(chord.start, chord.end, step)):
             accent = 1.0 if (beat - chord.start) % 1 == 0 else 0.85
             pitch = tones[index % len(tones)]
-            note = feel.note(
+            note = player.feel.note(
                 float(beat), step * 1.5, pitch, loud * accent, section.start, section.end
             )
             if note is not None:
-                part.notes.append(note)
+                player.part.notes.append(note)
 
 
 ROLES = {"pad": _pad, "comp": _comp, "strum": _strum, "power": _power, "arp": _arp}
@@ -323,8 +299,7 @@ def _guitar_voicing(chord: Chord) -> list[int]:
 
 
 def _add_chord(
-    part: Part,
-    feel: Feel,
+    player: _Player,
     beat: float,
     length: float,
     pitches: list[int],
@@ -332,6 +307,6 @@ def _add_chord(
     section: Section,
 ) -> None:
     for pitch in pitches:
-        note = feel.note(beat, length, pitch, loudness, section.start, section.end)
+        note = player.feel.note(beat, length, pitch, loudness, section.start, section.end)
         if note is not None:
-            part.notes.append(note)
+            player.part.notes.append(note)
