@@ -18,7 +18,7 @@ from pipeline.catalog.plan import StemIndex, plan_tracks
 from pipeline.storage.errors import CatalogError
 from pipeline.storage.location import is_transient, open_location, retry_storage, write_bytes
 from pipeline.storage.manifest import ManifestWriter, latest_done, read_manifests
-from pipeline.storage.paths import assign_output_keys, sanitized_key, stem_paths
+from pipeline.storage.paths import sanitized_key, stem_paths
 
 HOSTILE_KEYS = [
     "../escape.wav",
@@ -108,7 +108,8 @@ def test_hostile_keys_never_leave_the_destination(tmp_path, track_id):
 
 def test_output_keys_are_unique_and_keep_clean_names():
     ids = ["song.wav", "song.flac", "dir/x.mp3", "dir/../x.mp3", *HOSTILE_KEYS]
-    keys = dict(zip(ids, assign_output_keys(ids), strict=True))
+    table = listing_table((track_id, f"/src/{track_id}", 1, "v1") for track_id in ids)
+    keys = dict(zip(table["track_id"].to_pylist(), table["output_key"].to_pylist(), strict=True))
     assert keys["dir/x.mp3"] == "dir/x"
     assert keys["song.wav"] != keys["song.flac"]
     assert keys["song.wav"].startswith("song-")

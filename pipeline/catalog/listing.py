@@ -17,14 +17,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.runtime import release_arrow_memory
 from pipeline.storage.errors import CatalogError
 from pipeline.storage.files import AUDIO_EXTENSIONS, is_audio_name, source_version
 from pipeline.storage.location import full_url, open_location, read_bytes, retry_storage
-from pipeline.storage.paths import assign_output_keys
+from pipeline.storage.paths import sanitized_key, short_hash
 
 MANIFEST_EXTENSIONS = frozenset({".txt", ".csv", ".parquet"})
 _GLOB_CHARACTERS = "*?["
@@ -90,7 +92,9 @@ def has_audio(source: str, storage_options: dict[str, Any] | None = None) -> boo
 
 def listing_table(entries: Iterable[Entry]) -> pa.Table:
     """The listing of a catalog from its entries, in Arrow: sorted by ``track_id``, one row per
-    track (the first entry of a repeated one), each with its output folder."""
+    track (the first entry of a repeated one), each with its output folder (unique: the few that
+    two tracks would share get hash suffixes). Built a chunk at a time, so that a million entries
+    never exist as Python objects at once."""
     batches, chunk = [], []
     for entry in entries:
         chunk.append(entry)
@@ -98,21 +102,47 @@ def listing_table(entries: Iterable[Entry]) -> pa.Table:
             batches.append(_batch(chunk))
             chunk = []
     batches.append(_batch(chunk))
-    table = pa.Table.from_batches(batches).combine_chunks()
-    table = table.group_by("track_id", use_threads=False).aggregate(
-        [(name, "first") for name in TRACK_SCHEMA.names[1:4]]
-    )
-    table = table.rename_columns(TRACK_SCHEMA.names[:4]).sort_by("track_id")
-    keys = assign_output_keys(table["track_id"].to_pylist())
-    return table.append_column("output_key", pa.array(keys, pa.string())).cast(TRACK_SCHEMA)
+    table = pa.Table.from_batches(batches, schema=TRACK_SCHEMA).sort_by("track_id")
+    del batches, chunk
+    ids = table["track_id"]
+    repeated = pc.equal(ids.slice(1), ids.slice(0, max(0, table.num_rows - 1)))
+    if pc.any(repeated).as_py():  # a track_id listed twice (a list naming a file twice): the first
+        keep = pa.concat_arrays([pa.array([True]), pc.invert(repeated).combine_chunks()])
+        table = table.filter(keep)
+    table = _unique_keys(table)
+    release_arrow_memory()
+    return table
 
 
 def _batch(entries: list[Entry]) -> pa.RecordBatch:
-    """Listing entries as one Arrow batch of the listing's first four columns."""
+    """Listing entries as one Arrow batch, each with its sanitised output folder."""
     columns = list(zip(*entries, strict=True)) if entries else [()] * 4
-    fields = list(TRACK_SCHEMA)[:4]
-    arrays = [pa.array(column, field.type) for column, field in zip(columns, fields, strict=True)]
-    return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
+    keys = [sanitized_key(track_id) for track_id in columns[0]]
+    arrays = [
+        pa.array(column, field.type)
+        for column, field in zip([*columns, keys], TRACK_SCHEMA, strict=True)
+    ]
+    return pa.RecordBatch.from_arrays(arrays, schema=TRACK_SCHEMA)
+
+
+def _unique_keys(table: pa.Table) -> pa.Table:
+    """The listing with every output folder that two tracks would share (``a.wav`` and
+    ``a.flac``) suffixed with a hash of its track_id (only those rows leave Arrow)."""
+    keys = table["output_key"].combine_chunks()
+    counts = pc.value_counts(keys)
+    shared = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
+    if not len(shared):
+        return table
+    clash = pc.is_in(keys, value_set=shared)
+    rows = table.filter(clash)
+    suffixed = [
+        f"{key}-{short_hash(track_id)}"
+        for key, track_id in zip(
+            rows["output_key"].to_pylist(), rows["track_id"].to_pylist(), strict=True
+        )
+    ]
+    keys = pc.replace_with_mask(keys, clash, pa.array(suffixed, pa.string()))
+    return table.set_column(4, "output_key", keys)
 
 
 def _entries(

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from model import STEMS
+from pipeline.runtime import release_arrow_memory
 from pipeline.storage.paths import short_hash
 from pipeline.storage.runs import MAX_LISTED
 
@@ -53,10 +54,19 @@ class StemIndex:
     def __len__(self) -> int:
         return len(self._hashes)
 
-    def holds(self, relative_paths: list[str]) -> np.ndarray:
-        """Per path, whether the destination holds it (a boolean array)."""
-        wanted = np.fromiter((hash(path) for path in relative_paths), np.int64, len(relative_paths))
-        return np.isin(wanted, self._hashes, assume_unique=False)
+    def holds(self, relative_paths: Iterable[str], count: int = -1) -> np.ndarray:
+        """Per path (``count`` of them, when known), whether the destination holds it."""
+        wanted = np.fromiter((hash(path) for path in relative_paths), np.int64, count)
+        if not len(self._hashes):
+            return np.zeros(len(wanted), dtype=bool)
+        found = np.searchsorted(self._hashes, wanted).clip(max=len(self._hashes) - 1)
+        return self._hashes[found] == wanted
+
+
+def _strings(column: pa.ChunkedArray, step: int = 1 << 16) -> Iterable[str]:
+    """The values of a string column, a slice at a time (never all as Python objects)."""
+    for start in range(0, len(column), step):
+        yield from column.slice(start, step).to_pylist()
 
 
 def catalog_options_hash(separator_options_hash: str, stem_format: str) -> str:
@@ -77,34 +87,27 @@ def plan_tracks(
     ``done`` is the latest ``ok`` row per track (:func:`pipeline.storage.manifest.latest_done`).
     With ``stems``, a track whose row stands but whose stems are not all there is planned again
     and counted as lost."""
-    joined = listing.join(
-        done.select(["track_id", "source_version", "model_id", "options_hash"]),
-        "track_id",
-        join_type="left outer",
-        right_suffix="_done",
-    )
-    current = pc.and_kleene(
-        pc.equal(joined["source_version"], joined["source_version_done"]),
-        pc.and_kleene(
-            pc.equal(joined["model_id"], model_id), pc.equal(joined["options_hash"], options_hash)
-        ),
-    )
+    # Each listed track's last ok row, found by position (a join would copy both tables)
+    row = pc.index_in(listing["track_id"], value_set=done["track_id"].combine_chunks())
+    current = pc.equal(listing["source_version"], done["source_version"].take(row))
+    for column, value in (("model_id", model_id), ("options_hash", options_hash)):
+        current = pc.and_kleene(current, pc.equal(done[column].take(row), value))
     current = pc.fill_null(current, False)
-    lost = np.zeros(len(joined), dtype=bool)
+    lost = np.zeros(listing.num_rows, dtype=bool)
     if stems is not None:
-        keys = joined["output_key"].to_pylist()
         candidates = np.flatnonzero(current.to_numpy(zero_copy_only=False))
+        keys = listing["output_key"].take(pa.array(candidates, pa.int64()))
         for stem in STEMS:
-            present = stems.holds([f"{keys[i]}/{stem}.{stem_format}" for i in candidates])
-            lost[candidates[~present]] = True
+            paths = (f"{key}/{stem}.{stem_format}" for key in _strings(keys))
+            lost[candidates[~stems.holds(paths, len(candidates))]] = True
     keep = pc.and_(current, pc.invert(pa.array(lost)))
-    columns = listing.column_names
-    todo = joined.filter(pc.invert(keep)).select(columns).sort_by("track_id")
-    lost_ids = joined.filter(pa.array(lost)).select(["track_id"]).sort_by("track_id")
+    todo = listing.filter(pc.invert(keep))
+    lost_ids = listing["track_id"].filter(pa.array(lost))
+    release_arrow_memory()
     return Plan(
         todo=todo,
         listed=listing.num_rows,
         skipped=int(pc.sum(keep.cast(pa.int64())).as_py() or 0),
-        lost=lost_ids.num_rows,
-        lost_examples=lost_ids["track_id"].slice(0, MAX_LISTED).to_pylist(),
+        lost=len(lost_ids),
+        lost_examples=lost_ids.slice(0, MAX_LISTED).to_pylist(),
     )

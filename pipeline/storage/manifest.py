@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.periodic import Periodic
+from pipeline.runtime import release_arrow_memory
 from pipeline.storage.errors import readable_error
 from pipeline.storage.journal import Journal
 from pipeline.storage.location import StorageError, read_bytes, retry_storage, write_bytes
@@ -130,14 +131,20 @@ DONE_COLUMNS = ("track_id", "status", "source_version", "model_id", "options_has
 
 def latest_done(manifests: pa.Table) -> pa.Table:
     """Per track, what its most recent ``ok`` row was made from: ``track_id``,
-    ``source_version``, ``model_id``, ``options_hash`` (columnar, for a planner)."""
+    ``source_version``, ``model_id``, ``options_hash`` (columnar, for a planner: sorted by track
+    and time, the last row of each track is kept; no hash table over a million tracks)."""
+    named = ["track_id", "source_version", "model_id", "options_hash"]
     ok = manifests.filter(pc.equal(manifests["status"], "ok"))
-    ok = ok.sort_by([("finished_at", "ascending")])
-    named = ["source_version", "model_id", "options_hash"]
-    latest = ok.group_by("track_id", use_threads=False).aggregate(
-        [(name, "last") for name in named]
+    ok = ok.select([*named, "finished_at"]).sort_by(
+        [("track_id", "ascending"), ("finished_at", "ascending")]
     )
-    return latest.rename_columns(["track_id", *named])
+    if ok.num_rows < 2:
+        return ok.select(named)
+    ids = ok["track_id"]
+    last = pc.not_equal(ids.slice(0, ok.num_rows - 1), ids.slice(1)).combine_chunks()
+    done = ok.select(named).filter(pa.concat_arrays([last, pa.array([True])]))
+    release_arrow_memory()
+    return done
 
 
 class ManifestWriter:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import posixpath
 import re
-from collections import Counter
-from collections.abc import Sequence
 
 from model import STEMS
 
@@ -43,17 +41,6 @@ def sanitized_key(track_id: str) -> str:
         parts.append(part)
     key = "/".join(parts) or "_"
     return key if key == stem else f"{key}-{short_hash(track_id)}"
-
-
-def assign_output_keys(track_ids: Sequence[str]) -> list[str]:
-    """Output folders of a whole listing of distinct ``track_ids``, in their order, unique:
-    tracks that would share one get hash suffixes."""
-    keys = [sanitized_key(track_id) for track_id in track_ids]
-    counts = Counter(keys)
-    return [
-        key if counts[key] == 1 else f"{key}-{short_hash(track_id)}"
-        for track_id, key in zip(track_ids, keys, strict=True)
-    ]
 
 
 def stem_paths(destination: str, output_key: str, extension: str) -> dict[str, str]:
