@@ -558,6 +558,46 @@ def test_flac_outputs_that_would_clip_are_written_scaled_and_the_stems_by_one_ga
     )  # the first, clipped writes are gone
 
 
+def test_no_engine_thread_outlives_its_call_even_without_the_garbage_collector(tmp_path):
+    """Every thread a call starts (first passes, reading ahead, resampling, spool writers,
+    encoders) is stopped by the call itself, whether it ends, fails or is stopped early: with
+    the garbage collector off, none is left running afterwards."""
+    import gc
+    import threading
+
+    from tqdm._monitor import TMonitor
+
+    torch.manual_seed(0)
+    model = MultiTasNet(SMALL).eval()
+    separator = Separator(model, "cpu", "float32", segment=1.0, context=0.25, batch_size=3)
+    rate = 16000
+    for name in ("a", "b"):
+        write_audio(tmp_path / f"{name}.wav", bench_audio(3.0, rate), rate, format="wav")
+    (tmp_path / "broken.wav").write_bytes(b"RIFF not audio")
+
+    class Stop(Exception):
+        pass
+
+    def stop_early(done: int, total: int) -> None:
+        if done:
+            raise Stop
+
+    gc.disable()
+    try:
+        before = set(threading.enumerate())
+        with pytest.raises(Stop):
+            separator.separate_file(tmp_path / "a.wav", tmp_path / "early", callback=stop_early)
+        jobs = [(tmp_path / f"{n}.wav", tmp_path / "out" / n) for n in ("a", "broken", "b")]
+        assert isinstance(separator.separate_files(jobs)[1], Exception)
+        with pytest.raises(Stop):
+            separator.separate(bench_audio(3.0, rate), rate, callback=stop_early)
+        ours = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+        left = [t.name for t in ours if not isinstance(t, TMonitor)]  # tqdm's, process-wide
+    finally:
+        gc.enable()
+    assert left == []
+
+
 _STRESS = """
 import gc, random, sys, tempfile
 from pathlib import Path
