@@ -40,9 +40,14 @@ class RunBoard:
     matter."""
 
     def __init__(self) -> None:
+        self._workers: dict[str, Any] = {}  # every worker that started: its actor handle
         self._calls: dict[str, tuple[Any, list[str], float]] = {}  # worker: handle, tracks, beat
         self._refused: dict[str, str] = {}  # track_id -> why it is not to be separated
         self._stopped = False
+
+    def register(self, worker: str, handle: Any) -> None:
+        """A worker's actor is up (busy or not, the run's end stops it)."""
+        self._workers[worker] = handle
 
     def start(self, worker: str, handle: Any, track_ids: list[str]) -> dict[str, str]:
         """A call of ``worker`` (an actor ``handle``) begins on ``track_ids``; returns the tracks
@@ -75,11 +80,12 @@ class RunBoard:
         return found
 
     def stop(self) -> list[tuple[str, Any]]:
-        """End the run: every later call refuses its tracks; returns the busy workers."""
+        """End the run: every later call refuses its tracks; returns every worker, so that
+        none, busy or frozen with a call it never started, holds the run past its end."""
         self._stopped = True
-        busy = [(worker, handle) for worker, (handle, _, _) in self._calls.items()]
+        workers = {**self._workers, **{w: handle for w, (handle, _, _) in self._calls.items()}}
         self._calls.clear()
-        return busy
+        return list(workers.items())
 
 
 class Progress(ForwardTimer):
@@ -138,9 +144,9 @@ class Watchdog(Periodic):
             _kill(handle)
         if self.deadline is not None and not self.timed_out and time.time() > self.deadline:
             self.timed_out = True
-            busy = ray.get(self.board.stop.remote())
-            log.warning("time limit reached: stopping %d busy worker(s)", len(busy))
-            for _, handle in busy:
+            workers = ray.get(self.board.stop.remote())
+            log.warning("time limit reached: stopping the run's %d worker(s)", len(workers))
+            for _, handle in workers:
                 _kill(handle)
 
 

@@ -67,6 +67,8 @@ class SeparateWorker:
         self.fs, self.root = open_location(config.destination, config.storage_options)
         node = ray.get_runtime_context().get_node_id()[:8]
         self.name = f"{socket.gethostname()}/{node}/{os.getpid()}"
+        if board is not None:  # the actor, for the watchdog to stop at the run's end
+            board.register.remote(self.name, ray.get_runtime_context().current_actor)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import ray
