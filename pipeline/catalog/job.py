@@ -93,7 +93,7 @@ def run_job(
     if not tracks.num_rows:
         return result
     started = time.monotonic()
-    board = ray.remote(RunBoard).options(num_cpus=0).remote()
+    board = _start_board(ray)
     writer = ManifestWriter(
         fs, destination, config.run_id, config.flush_rows, config.flush_seconds, journal=journal
     )
@@ -115,6 +115,15 @@ def run_job(
     result.manifest_parts = writer.parts
     result.journaled = writer.journaled
     return result
+
+
+def _start_board(ray) -> Any:
+    """The run's board, on the driver's node (which lives as long as the run does, where a
+    worker's node may go)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(RunBoard).options(num_cpus=0, scheduling_strategy=here).remote()
 
 
 def _collect(rows, writer: ManifestWriter, result: JobResult, config, watchdog, bar) -> None:

@@ -11,6 +11,7 @@ that track's error row; the others go on.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import posixpath
 import socket
@@ -30,6 +31,8 @@ from pipeline.settings import load_settings
 from pipeline.storage.errors import readable_error, storage_problem
 from pipeline.storage.location import full_url, open_location, open_source, upload_file
 from pipeline.storage.paths import stem_paths
+
+log = logging.getLogger(__name__)
 
 # The outcome of a track in a worker's result rows
 OK, ERROR, NOT_STARTED = "ok", "error", "not started"
@@ -76,7 +79,11 @@ class SeparateWorker:
         rows = [{k: v[i] for k, v in batch.items()} for i in range(len(batch["track_id"]))]
         ids = [str(row["track_id"]) for row in rows]
         handle = ray.get_runtime_context().current_actor  # what the watchdog kills if it stalls
-        refused = ray.get(self.board.start.remote(self.name, handle, ids))
+        try:
+            refused = ray.get(self.board.start.remote(self.name, handle, ids))
+        except ray.exceptions.RayError as error:  # no watchdog, but no track lost for that
+            log.warning("the run's board is gone (%s): separating without a watchdog", error)
+            refused = {}
         todo = [row for row in rows if str(row["track_id"]) not in refused]
         interval = min(1.0, self.config.stall_timeout / 10)
         with (
@@ -86,10 +93,11 @@ class SeparateWorker:
             started = time.time()
             results = iter(self._separate(todo, Path(work)))
             ended = time.time()
-        self.board.finish.remote(self.name)
+        with contextlib.suppress(Exception):
+            self.board.finish.remote(self.name)
         busy = max(0.0, ended - started - heart.frozen_s)  # computation only
         device_s = self.progress.take()
-        outcomes = [refused.get(track, None) or next(results) for track in ids]
+        outcomes = [refused.get(track) or next(results) for track in ids]
         audio = [r.frames / r.rate if isinstance(r, SeparatedFile) else 0.0 for r in outcomes]
         share = [a / sum(audio) if sum(audio) else 1 / len(rows) for a in audio]
         out: dict[str, list[Any]] = {k: list(v) for k, v in batch.items()}
