@@ -277,6 +277,7 @@ def _publish_artifact(summary: dict[str, Any]) -> None:
     tracks = summary["tracks"]
     rows = [{"measure": f"tracks {name}", "value": count} for name, count in tracks.items()]
     rows += [
+        {"measure": "tracks flagged (manifest column flags)", "value": summary["flagged_count"]},
         {"measure": "audio seconds", "value": summary["audio_seconds"]},
         {"measure": "job wall seconds", "value": summary["job_seconds"]},
         {"measure": "audio seconds per second", "value": summary["audio_seconds_per_second"]},

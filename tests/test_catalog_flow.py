@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,6 +35,9 @@ REQUIRED_COLUMNS = {
     "sample_rate",
     "channels",
     "gain_db",
+    "residual_db",
+    "flags",
+    "precision",
     *(f"{stem}_uri" for stem in STEMS),
     "model_id",
     "options_hash",
@@ -255,8 +259,11 @@ def test_separate_command_runs_the_flow_for_a_folder(
     tone = 100 * np.sin(2 * np.pi * 200.0 * np.arange(11025) / 22050)
     sf.write(tmp_path / "loud" / "loud.wav", np.stack([tone, tone / 2], 1), 22050, subtype="FLOAT")
     assert main(["separate", str(tmp_path / "loud"), str(tmp_path / "loud-out"), *command[3:]]) == 0
-    assert "1 track(s) scaled down so that their stems do not clip" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "1 track(s) scaled down so that their stems do not clip" in printed
+    assert re.search(r"1 track\(s\) flagged, worth a listen: loud\.wav \([^)]*scaled", printed)
     (row,) = manifest_rows(str(tmp_path / "loud-out"))
+    assert "scaled" in row["flags"] and row["residual_db"] < 0
     stems = {stem: read_audio(row[f"{stem}_uri"])[0] for stem in STEMS}
     assert max(np.abs(audio).max() for audio in stems.values()) == pytest.approx(0.99, abs=1e-4)
     assert row["gain_db"] < 0

@@ -73,6 +73,7 @@ class JobResult(RunTally):
     stopped: str = ""  # why the run ended early: a failure, the time limit, a full destination
     errors: list[tuple[str, str]] = field(default_factory=list)  # (track_id, message)
     rescaled: list[tuple[str, float]] = field(default_factory=list)  # (track_id, gain_db)
+    flagged: list[tuple[str, list[str]]] = field(default_factory=list)  # (track_id, its flags)
     manifest_parts: list[str] = field(default_factory=list)
     journaled: int = 0  # files of the destination waiting in the local journal at the end
 
@@ -184,6 +185,8 @@ def _manifest_row(row: dict[str, Any], config: JobConfig) -> dict[str, Any]:
         "sample_rate": rate or None,
         "channels": int(row["channels"]) or None,
         "gain_db": float(row["gain_db"]) if ok else None,
+        "residual_db": float(row["residual_db"]) if ok else None,
+        "flags": _flags(row) if ok else None,
         **{name: str(row[name]) if ok else None for name in _URI_COLUMNS},
         "model_id": config.model_id,
         "options_hash": config.options_hash,
@@ -203,6 +206,8 @@ def _account(result: JobResult, row: dict[str, Any]) -> None:
         return
     if float(row["gain_db"]) < 0:
         result.rescaled.append((str(row["track_id"]), float(row["gain_db"])))
+    if _flags(row):
+        result.flagged.append((str(row["track_id"]), _flags(row)))
     result.count_ok(
         str(row["worker"]),
         audio_s=int(row["samples"]) / int(row["sample_rate"]),
@@ -210,3 +215,8 @@ def _account(result: JobResult, row: dict[str, Any]) -> None:
         busy_s=float(row["model_seconds"]),
         device_s=float(row["device_seconds"]) if float(row["device_seconds"]) >= 0 else None,
     )
+
+
+def _flags(row: dict[str, Any]) -> list[str]:
+    """A result row's quality flags, as the list the manifest keeps."""
+    return [flag for flag in str(row["flags"]).split(",") if flag]

@@ -60,6 +60,11 @@ def build_summary(
             {"track_id": track_id, "error": message}
             for track_id, message in result.errors[:MAX_LISTED]
         ],
+        "flagged_count": len(result.flagged),
+        "flagged": [
+            {"track_id": track_id, "flags": flags}
+            for track_id, flags in result.flagged[:MAX_LISTED]
+        ],
         "rescaled_count": len(result.rescaled),
         "rescaled": [
             {"track_id": track_id, "gain_db": round(gain, 2)}
@@ -129,6 +134,15 @@ def _warnings(summary: dict[str, Any]) -> list[str]:
         lines.append(f"  removed {summary['partials_removed']} partial file(s) of killed writers")
     for part in summary["quarantined"]:
         lines.append(f"  unreadable manifest part moved to {part}; its tracks were planned again")
+    if summary["flagged_count"]:
+        shown = "; ".join(
+            f"{item['track_id']} ({', '.join(item['flags'])})" for item in summary["flagged"][:5]
+        )
+        more = summary["flagged_count"] - min(5, len(summary["flagged"]))
+        lines.append(
+            f"  {summary['flagged_count']} track(s) flagged, worth a listen: {shown}"
+            + (f" and {more} more (manifest column flags)" if more else "")
+        )
     if summary["journaled"]:
         lines.append(
             f"  {summary['journaled']} manifest file(s) wait in the local journal: the "

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import posixpath
 import socket
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from model import STEMS
+from pipeline.catalog.quality import quality_flags
 from pipeline.catalog.watchdog import STOPPED, Heartbeat, Progress
 from pipeline.runtime import keep_freed_memory
 from pipeline.separator import SeparatedFile, Separator
@@ -36,6 +39,14 @@ log = logging.getLogger(__name__)
 
 # The outcome of a track in a worker's result rows
 OK, ERROR, NOT_STARTED = "ok", "error", "not started"
+
+
+@dataclass(frozen=True)
+class Stems:
+    """A track's stems, in place, and their quality flags."""
+
+    result: SeparatedFile
+    flags: list[str]
 
 
 class StemsMissing(OSError):
@@ -98,7 +109,7 @@ class SeparateWorker:
         busy = max(0.0, ended - started - heart.frozen_s)  # computation only
         device_s = self.progress.take()
         outcomes = [refused.get(track) or next(results) for track in ids]
-        audio = [r.frames / r.rate if isinstance(r, SeparatedFile) else 0.0 for r in outcomes]
+        audio = [o.result.frames / o.result.rate if isinstance(o, Stems) else 0.0 for o in outcomes]
         share = [a / sum(audio) if sum(audio) else 1 / len(rows) for a in audio]
         out: dict[str, list[Any]] = {k: list(v) for k, v in batch.items()}
         for result, part in zip(outcomes, share, strict=True):
@@ -117,9 +128,11 @@ class SeparateWorker:
             out[f"{stem}_uri"] = [self._stem_urls(str(key))[stem] for key in batch["output_key"]]
         return _columns(out)
 
-    def _describe(self, result: SeparatedFile | Exception | str) -> dict[str, Any]:
-        """The result columns of one track: its outcome and its audio's shape, or its error."""
-        if isinstance(result, SeparatedFile):
+    def _describe(self, outcome: Stems | Exception | str) -> dict[str, Any]:
+        """The result columns of one track: its outcome, its audio's shape and its quality
+        flags, or its error."""
+        if isinstance(outcome, Stems):
+            result = outcome.result
             gain = 20 * np.log10(min(result.gains.values(), default=1.0))
             return {
                 "outcome": OK,
@@ -129,27 +142,31 @@ class SeparateWorker:
                 "samples": result.frames,
                 "sample_rate": result.rate,
                 "gain_db": float(gain),
+                "residual_db": float(result.balance.residual_db),
+                "flags": ",".join(outcome.flags),
             }
-        failed = isinstance(result, Exception)
+        failed = isinstance(outcome, Exception)
         return {
-            "outcome": ERROR if failed or result != STOPPED else NOT_STARTED,
-            "error": readable_error(result) if failed else str(result),
-            "problem": (storage_problem(result) or "") if failed else "",
+            "outcome": ERROR if failed or outcome != STOPPED else NOT_STARTED,
+            "error": readable_error(outcome) if failed else str(outcome),
+            "problem": (storage_problem(outcome) or "") if failed else "",
             "channels": 0,
             "samples": 0,
             "sample_rate": 0,
             "gain_db": 0.0,
+            "residual_db": math.nan,
+            "flags": "",
         }
 
     def _stem_urls(self, output_key: str) -> dict[str, str]:
         paths = stem_paths(self.root, output_key, self.config.options.stem_format)
         return {stem: full_url(self.fs, path) for stem, path in paths.items()}
 
-    def _separate(self, rows: list[dict[str, Any]], work: Path) -> list[SeparatedFile | Exception]:
+    def _separate(self, rows: list[dict[str, Any]], work: Path) -> list[Stems | Exception]:
         """Read each row's source from storage, separate all together, put the stems in place
         and check them; a track that fails anywhere is that track's error."""
         config, local = self.config, isinstance(self.fs, LocalFileSystem)
-        results: list[SeparatedFile | Exception | None] = [None] * len(rows)
+        results: list[Stems | Exception | None] = [None] * len(rows)
         jobs, order = [], []
         with contextlib.ExitStack() as stack:
             for index, row in enumerate(rows):
@@ -166,7 +183,9 @@ class SeparateWorker:
         for index, result in zip(order, separated, strict=True):
             if isinstance(result, SeparatedFile):
                 try:
+                    flags = quality_flags(result)  # before an upload takes the files away
                     self._put_in_place(result, str(rows[index]["output_key"]), local)
+                    result = Stems(result, flags)
                 except Exception as failure:
                     result = failure
             results[index] = result

@@ -21,7 +21,8 @@ compiled by torch.compile on CUDA). Everything streams: a source is read block b
 
 The modules, one job each: :mod:`~pipeline.separator.api` (the :class:`Separator`),
 :mod:`~pipeline.separator.schedule` (windows through shared forward passes),
-:mod:`~pipeline.separator.track` (one track's items and outputs), :mod:`~pipeline.separator.feed`
+:mod:`~pipeline.separator.track` (one track's items and outputs),
+:mod:`~pipeline.separator.balance` (the least squares), :mod:`~pipeline.separator.feed`
 (stage signals), :mod:`~pipeline.separator.sources`, :mod:`~pipeline.separator.outputs`,
 :mod:`~pipeline.separator.windows`, :mod:`~pipeline.separator.identity`,
 :mod:`~pipeline.separator.options`, :mod:`~pipeline.separator.observe` and
@@ -29,6 +30,7 @@ The modules, one job each: :mod:`~pipeline.separator.api` (the :class:`Separator
 """
 
 from pipeline.separator.api import KERNELS, RESAMPLERS, Separator
+from pipeline.separator.balance import Balance
 from pipeline.separator.identity import ENGINE_VERSION, identify, model_fingerprint
 from pipeline.separator.observe import ForwardTimer, Observer
 from pipeline.separator.options import (
@@ -52,6 +54,7 @@ __all__ = [
     "GPU_TRACKS_PER_CALL",
     "KERNELS",
     "RESAMPLERS",
+    "Balance",
     "ForwardTimer",
     "Mixes",
     "Observer",

@@ -319,8 +319,11 @@ class Separator:
                     results.append(error)
                     continue
                 frames = outcome.sink.keep[1] - outcome.sink.keep[0]
+                balance = outcome.sink.ready().balance
                 results.append(
-                    SeparatedFile(paths, source.rate, source.channels, frames, outcome.gains)
+                    SeparatedFile(
+                        paths, source.rate, source.channels, frames, outcome.gains, balance
+                    )
                 )
         for result, folder in zip(results, folders, strict=True):
             if isinstance(result, Exception) and folder.is_dir() and not any(folder.iterdir()):

@@ -31,6 +31,7 @@ from pipeline.audio import (
     AudioWriter,
     headroom_gain,
 )
+from pipeline.separator.balance import Balance, Solution
 from pipeline.separator.threads import Once
 
 log = logging.getLogger(__name__)
@@ -54,12 +55,13 @@ class SeparatedFile:
     channels: int
     frames: int  # samples per channel of each output
     gains: dict[str, float]  # output name -> gain it was scaled by to stay within full scale
+    balance: Balance  # the scaled stems against the mixture (levels, residual, likeness)
 
 
 class Sink(Protocol):
     def store(self, offset: int, block: torch.Tensor) -> None: ...
 
-    def finish(self, solve: Callable[[], np.ndarray]) -> object: ...
+    def finish(self, solve: Callable[[], Solution]) -> object: ...
 
 
 class ArraySink:
@@ -74,10 +76,10 @@ class ArraySink:
         target = self.stems[:, :, offset : offset + block.shape[-1]]
         target.copy_(block.transpose(0, 1), non_blocking=True)
 
-    def finish(self, solve: Callable[[], np.ndarray]) -> dict[str, np.ndarray]:
+    def finish(self, solve: Callable[[], Solution]) -> dict[str, np.ndarray]:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        coefficients = solve()
+        coefficients = solve().coefficients
         stems = self.stems.numpy()
         for k, stem in enumerate(stems):
             stem *= coefficients[:, k : k + 1].astype(np.float32)
@@ -123,20 +125,20 @@ class SpoolSink:
             copied.synchronize()
         self.spool.write(staging.numpy())
 
-    def finish(self, solve: Callable[[], np.ndarray]) -> SpoolSink:
+    def finish(self, solve: Callable[[], Solution]) -> SpoolSink:
         """Take the track's least-squares solver; nothing is waited for here (see ready)."""
         self._ready = Once(functools.partial(self._complete, solve))
         return self
 
-    def ready(self) -> np.ndarray:
-        """The least-squares coefficients (channels, 4), once every block is in the spool (a
-        write's or the solver's failure is raised here). Safe to call from several threads:
-        the first call does the waiting, the others wait for it."""
+    def ready(self) -> Solution:
+        """The track's least squares (its coefficients, (channels, 4), and balance), once every
+        block is in the spool (a write's or the solver's failure is raised here). Safe to call
+        from several threads: the first call does the waiting, the others wait for it."""
         if self._ready is None:
             raise RuntimeError("internal error: spool read before its track was finished")
         return self._ready()
 
-    def _complete(self, solve: Callable[[], np.ndarray]) -> np.ndarray:
+    def _complete(self, solve: Callable[[], Solution]) -> Solution:
         while self._in_flight:
             self._in_flight.popleft().result()
         self.spool.flush()  # the encoders read the file by position, past Python's buffer
@@ -253,7 +255,7 @@ def write_mix(
     (frames, channels, 4) float32 stems: each channel the stems weighted by ``weight`` (4,)
     times the track's least-squares coefficients. Reads the spool by position (``os.pread``),
     so that several files of a track are written at once without sharing a file offset."""
-    gains = (sink.ready() * weight[None]).astype(np.float32)  # (channels, 4)
+    gains = (sink.ready().coefficients * weight[None]).astype(np.float32)  # (channels, 4)
     descriptor, channels = sink.spool.fileno(), sink.channels
     frame_bytes = channels * len(STEMS) * _FLOAT32
     writer = AudioWriter(path, rate, channels, format, sink.keep[1] - sink.keep[0])

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from model import STEMS
+from pipeline.separator.balance import Solution, balance, least_squares
 from pipeline.separator.feed import MixtureBuffer, Resample, StageFeed, Statistics
 from pipeline.separator.observe import Observer
 from pipeline.separator.outputs import Sink
@@ -70,6 +71,7 @@ class Track:
         device = statistics.mean.device
         self._gram = torch.zeros(*shape, len(STEMS), dtype=torch.float64, device=device)
         self._target = torch.zeros(*shape, dtype=torch.float64, device=device)
+        self._power = torch.zeros(self.channels, dtype=torch.float64, device=device)  # of the mix
         self._written = 0
 
     def items(self, strict: bool = True) -> Iterator[Item]:
@@ -122,18 +124,21 @@ class Track:
             self._emit(self._back(empty, True))
             if self._written < frames:  # the resampler came up a few samples short
                 self._emit(empty.new_zeros(empty.shape[0], frames - self._written))
-            # (channels, 4, 5): the Gram matrix, then the target as a fifth column
-            sums = Download(torch.cat([self._gram, self._target.unsqueeze(-1)], dim=-1))
+            # (channels, 4, 6): the Gram matrix, the target, and the mixture's power
+            power = self._power[:, None, None].expand(-1, len(STEMS), 1)
+            sums = Download(torch.cat([self._gram, self._target.unsqueeze(-1), power], dim=-1))
         return self.sink.finish(Once(functools.partial(self._solve, sums)))
 
     def close(self) -> None:
         """Release what the track holds (its feed's reader); safe to call more than once."""
         self._resources.close()
 
-    def _solve(self, sums: Download) -> np.ndarray:
-        """The least-squares coefficients (channels, 4) from the downloaded sums."""
+    def _solve(self, sums: Download) -> Solution:
+        """The least-squares coefficients (channels, 4) from the downloaded sums, and the
+        track's balance (what the sums say of the scaled stems against the mixture)."""
         downloaded = sums.numpy()
         gram, target = downloaded[..., : len(STEMS)], downloaded[..., len(STEMS)]
+        power = downloaded[:, 0, len(STEMS) + 1]
         if not np.isfinite(downloaded).all():
             raise FloatingPointError(
                 f"{self.source.name}: the network produced non-finite values at "
@@ -144,7 +149,8 @@ class Track:
         # A channel without any signal beyond a constant (silence, DC) has nothing to separate:
         # fitting the network's output to the offset would invent stems.
         coefficients[self.statistics.silent] = 0
-        return coefficients
+        samples = self.statistics.frames * self.channels
+        return Solution(coefficients, balance(gram, target, power, coefficients, samples))
 
     def _window_done(self, top: torch.Tensor) -> None:
         """A window's segment of all channels (channels, 4, n) at the last stage's rate."""
@@ -163,13 +169,6 @@ class Track:
         stems = block.double()
         self._gram += stems @ stems.transpose(1, 2)
         self._target += (stems @ mix.unsqueeze(-1))[..., 0]
+        self._power += (mix * mix).sum(-1)
         self.sink.store(self._written, block)
         self._written += count
-
-
-def least_squares(gram: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Per channel, the stem weights x minimising |mix - sum_k x_k stem_k|², from the normal
-    equations (gram = A Aᵀ, target = A mix); minimum-norm where stems are degenerate."""
-    return np.stack(
-        [np.linalg.lstsq(g, t, rcond=None)[0] for g, t in zip(gram, target, strict=True)]
-    )

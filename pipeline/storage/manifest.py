@@ -44,6 +44,8 @@ MANIFEST_SCHEMA = pa.schema(
         ("sample_rate", pa.int32()),
         ("channels", pa.int32()),
         ("gain_db", pa.float64()),  # the stems' level change, < 0 where they would have clipped
+        ("residual_db", pa.float64()),  # mixture minus the stems' sum, against the mixture
+        ("flags", pa.list_(pa.string())),  # what to listen to: pipeline.catalog.quality
         ("drums_uri", pa.string()),
         ("bass_uri", pa.string()),
         ("other_uri", pa.string()),
