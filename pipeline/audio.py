@@ -38,6 +38,8 @@ import soundfile as sf
 import soxr
 import torch
 
+from pipeline.tags import peek, read_tags, write_tags
+
 # The stem formats users pick: 24-bit FLAC, 32-bit float WAV, MP3 at 320 kbps (lossy, for
 # listening; libsndfile reads it back gapless, sample-aligned with the source)
 FORMATS = {"flac": ("FLAC", "PCM_24"), "wav": ("WAV", "FLOAT"), "mp3": ("MP3", "MPEG_LAYER_III")}
@@ -52,6 +54,7 @@ _SET_ADD_PEAK_CHUNK = 0x1050  # libsndfile's SFC_SET_ADD_PEAK_CHUNK, which sound
 _WAV_DATA_BYTES = 2**32 - 2**20
 _SAMPLE_BYTES = {"FLOAT": 4, "PCM_24": 3, "PCM_16": 2}
 _BLOCK = 1 << 18  # frames per block when reading whole files
+_HEADER_BYTES = 1 << 16  # read for a FLAC source's Vorbis comments
 _FULL_DISK_BYTES = 1 << 20  # free space below which a failed write is taken for a full disk
 RESCALE_PEAK = 0.99  # where a rescaled file's peak lands (-0.09 dBFS), as Demucs' rescale puts it
 
@@ -67,10 +70,17 @@ class AudioReader:
     times; each call reads from the start.
     """
 
-    def __init__(self, file: sf.SoundFile, name: str, cleanup: contextlib.ExitStack) -> None:
+    def __init__(
+        self,
+        file: sf.SoundFile,
+        name: str,
+        cleanup: contextlib.ExitStack,
+        tags: dict[str, str] | None = None,
+    ) -> None:
         self._file, self.name, self._cleanup = file, name, cleanup
         self.rate, self.channels = int(file.samplerate), int(file.channels)
         self.frames = int(file.frames)
+        self.tags = tags or {}  # title, artist, album... (pipeline.tags)
 
     def blocks(
         self, size: int = _BLOCK, start: int = 0, stop: int | None = None
@@ -128,13 +138,14 @@ def open_audio(source: str | Path | BinaryIO, stream: int = 0) -> AudioReader:
             raise AudioError(f"{name}: empty file")
     cleanup = contextlib.ExitStack()
     try:
+        header = _header(source)
         try:
             if stream:
                 raise RuntimeError("libsndfile reads one stream")
             file = sf.SoundFile(source)
         except (sf.LibsndfileError, RuntimeError, TypeError):
             file = sf.SoundFile(_decode_with_ffmpeg(source, name, cleanup, stream))
-        reader = AudioReader(file, name, cleanup)
+        reader = AudioReader(file, name, cleanup, read_tags(file, header))
     except BaseException:
         cleanup.close()
         raise
@@ -142,6 +153,14 @@ def open_audio(source: str | Path | BinaryIO, stream: int = 0) -> AudioReader:
         reader.close()
         raise AudioError(f"{name}: no audio samples (zero-length)")
     return reader
+
+
+def _header(source: str | Path | BinaryIO) -> bytes:
+    """The first bytes of a source (where FLAC keeps its tags), or b"" where it cannot say."""
+    if isinstance(source, str | Path):
+        with open(source, "rb") as file:
+            return file.read(_HEADER_BYTES)
+    return peek(source, _HEADER_BYTES) if source.seekable() else b""
 
 
 def read_audio(source: str | Path | BinaryIO) -> tuple[np.ndarray, int]:
@@ -190,9 +209,11 @@ class AudioWriter:
         channels: int,
         format: str = "flac",
         frames: int | None = None,
+        tags: dict[str, str] | None = None,
     ) -> None:
         """``frames``: how many will be written, when known; a WAV file that would pass 4 GB is
-        then written as RF64 (without it, writing past 4 GB of WAV raises an AudioError)."""
+        then written as RF64 (without it, writing past 4 GB of WAV raises an AudioError).
+        ``tags``: the file's title, artist... (see :mod:`pipeline.tags`)."""
         _, subtype = _format(format)
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -200,6 +221,7 @@ class AudioWriter:
         self.clips = subtype != "FLOAT"  # integer PCM: samples beyond full scale are clipped
         self.peak = 0.0  # the largest |sample| given to write (measured where the format clips)
         self._file = _open_for_writing(self._partial, rate, channels, format, frames)
+        write_tags(self._file, tags or {})
         self._room = _WAV_DATA_BYTES if self._file.format == "WAV" else math.inf  # bytes left
         self._frame_bytes = channels * _SAMPLE_BYTES.get(subtype, 0)
 

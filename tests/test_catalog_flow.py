@@ -234,6 +234,10 @@ def test_separate_command_runs_the_flow_for_a_folder(
     library.mkdir()
     for k, name in enumerate(["one.wav", "two.flac"]):
         (library / name).write_bytes(tone_bytes(0.5, 22050, 2, 200.0 * (k + 1), file_format(name)))
+    audio, rate = sf.read(library / "two.flac")  # tagged: the source's tags reach the row
+    with sf.SoundFile(library / "two.flac", "w", rate, 2, format="FLAC") as tagged:
+        tagged.artist, tagged.title = "Ünïcode Artist", "Two"
+        tagged.write(audio)
     (library / "broken.wav").write_text("a text file with an audio name")
     command = ["separate", str(library), str(out), "--checkpoint", tiny_checkpoint]
 
@@ -242,6 +246,9 @@ def test_separate_command_runs_the_flow_for_a_folder(
     assert "3 planned: 2 ok, 1 failed" in printed.out and "failed broken.wav" in printed.out
     rows = manifest_rows(str(out))  # one call of the worker's took all three
     assert len(rows) == 3 and len({row["started_at"] for row in rows}) == 1
+    tags = {row["track_id"]: dict(row["tags"] or []) for row in rows}
+    assert tags["two.flac"] == {"artist": "Ünïcode Artist", "title": "Two"}
+    assert tags["one.wav"] == {} and tags["broken.wav"] == {}
     for name in ("one", "two"):
         audio, rate = read_audio(out / "stems" / name / "vocals.wav")
         assert rate == 22050 and audio.shape == (2, 11025)

@@ -81,7 +81,7 @@ def written(tmp_path, stems: np.ndarray, mixture: np.ndarray, gains: dict | None
     found = balance(gram, target, (mixture**2).sum(-1), ones, mixture.size)
     frames = mixture.shape[1]
     gains = gains or dict.fromkeys(STEMS, 1.0)
-    return SeparatedFile(paths, RATE, mixture.shape[0], frames, gains, found)
+    return SeparatedFile(paths, RATE, mixture.shape[0], frames, gains, found, {})
 
 
 def test_silence_residual_scaling_and_length_are_flagged(tmp_path):

@@ -16,6 +16,7 @@ rest for the next one.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -187,6 +188,7 @@ def _manifest_row(row: dict[str, Any], config: JobConfig) -> dict[str, Any]:
         "gain_db": float(row["gain_db"]) if ok else None,
         "residual_db": float(row["residual_db"]) if ok else None,
         "flags": _flags(row) if ok else None,
+        "tags": list(json.loads(str(row["tags"])).items()) if ok else None,
         **{name: str(row[name]) if ok else None for name in _URI_COLUMNS},
         "model_id": config.model_id,
         "options_hash": config.options_hash,

@@ -11,6 +11,7 @@ that track's error row; the others go on.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -144,6 +145,7 @@ class SeparateWorker:
                 "gain_db": float(gain),
                 "residual_db": float(result.balance.residual_db),
                 "flags": ",".join(outcome.flags),
+                "tags": json.dumps(result.tags),
             }
         failed = isinstance(outcome, Exception)
         return {
@@ -156,6 +158,7 @@ class SeparateWorker:
             "gain_db": 0.0,
             "residual_db": math.nan,
             "flags": "",
+            "tags": "{}",
         }
 
     def _stem_urls(self, output_key: str) -> dict[str, str]:

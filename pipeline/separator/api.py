@@ -301,9 +301,14 @@ class Separator:
 
             def encode(index: int, sink: SpoolSink):
                 with self._observer.phase("encode"):
-                    source = sources[index]
                     return start_encoding(
-                        source.name, sink, folders[index], weights, format, source.rate, encoders
+                        sources[index],
+                        sink,
+                        folders[index],
+                        weights,
+                        format,
+                        self.model_id,
+                        encoders,
                     )
 
             pending = self.engine.run(sources, progress, callback, strict, sinks, encode)
@@ -322,7 +327,13 @@ class Separator:
                 balance = outcome.sink.ready().balance
                 results.append(
                     SeparatedFile(
-                        paths, source.rate, source.channels, frames, outcome.gains, balance
+                        paths,
+                        source.rate,
+                        source.channels,
+                        frames,
+                        outcome.gains,
+                        balance,
+                        source.tags,
                     )
                 )
         for result, folder in zip(results, folders, strict=True):

@@ -32,7 +32,9 @@ from pipeline.audio import (
     headroom_gain,
 )
 from pipeline.separator.balance import Balance, Solution
+from pipeline.separator.sources import Source
 from pipeline.separator.threads import Once
+from pipeline.tags import stem_tags
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,7 @@ class SeparatedFile:
     frames: int  # samples per channel of each output
     gains: dict[str, float]  # output name -> gain it was scaled by to stay within full scale
     balance: Balance  # the scaled stems against the mixture (levels, residual, likeness)
+    tags: dict[str, str]  # the source's tags, which every output file carries too
 
 
 class Sink(Protocol):
@@ -222,22 +225,25 @@ class PendingFiles:
 
 
 def start_encoding(
-    name: str,
+    source: Source,
     sink: SpoolSink,
     folder: Path,
     weights: dict[str, np.ndarray],
     format: str,
-    rate: int,
+    model_id: str,
     pool: ThreadPoolExecutor,
 ) -> PendingFiles:
     """Start mixing a spooled track into its output files ``folder/<output>.<format>`` (scaled by
-    the least-squares coefficients), one ``pool`` task per file."""
+    the least-squares coefficients, tagged as the source is, with the output's name and the
+    model), one ``pool`` task per file."""
 
     def write(output: str, gain: float) -> Future:
         path = folder / f"{output}.{format}"
-        return pool.submit(write_mix, sink, weights[output] * gain, path, format, rate)
+        tags = stem_tags(source.tags, output, model_id)
+        mix = weights[output] * gain
+        return pool.submit(write_mix, sink, mix, path, format, source.rate, tags)
 
-    return PendingFiles(name, sink, weights, write)
+    return PendingFiles(source.name, sink, weights, write)
 
 
 def headroom_gains(weights: dict[str, np.ndarray], peaks: dict[str, float]) -> dict[str, float]:
@@ -249,7 +255,12 @@ def headroom_gains(weights: dict[str, np.ndarray], peaks: dict[str, float]) -> d
 
 
 def write_mix(
-    sink: SpoolSink, weight: np.ndarray, path: Path, format: str, rate: int
+    sink: SpoolSink,
+    weight: np.ndarray,
+    path: Path,
+    format: str,
+    rate: int,
+    tags: dict[str, str] | None = None,
 ) -> AudioWriter:
     """One output file, complete under its temporary name, from a track's spool of interleaved
     (frames, channels, 4) float32 stems: each channel the stems weighted by ``weight`` (4,)
@@ -258,7 +269,7 @@ def write_mix(
     gains = (sink.ready().coefficients * weight[None]).astype(np.float32)  # (channels, 4)
     descriptor, channels = sink.spool.fileno(), sink.channels
     frame_bytes = channels * len(STEMS) * _FLOAT32
-    writer = AudioWriter(path, rate, channels, format, sink.keep[1] - sink.keep[0])
+    writer = AudioWriter(path, rate, channels, format, sink.keep[1] - sink.keep[0], tags)
     try:
         offset = 0
         while chunk := os.pread(descriptor, WRITE_BLOCK * frame_bytes, offset):

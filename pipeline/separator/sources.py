@@ -20,6 +20,7 @@ class Source(Protocol):
     name: str
     rate: int
     channels: int
+    tags: dict[str, str]  # title, artist, album... (pipeline.tags)
 
     def blocks(self, size: int) -> Iterator[np.ndarray]: ...
 
@@ -36,6 +37,10 @@ class ArraySource:
     @property
     def channels(self) -> int:
         return self.audio.shape[0]
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return {}
 
     def blocks(self, size: int) -> Iterator[np.ndarray]:
         for start in range(0, self.audio.shape[1], size):
@@ -68,6 +73,10 @@ class SpanSource:
     @property
     def channels(self) -> int:
         return self.reader.channels
+
+    @property
+    def tags(self) -> dict[str, str]:
+        return self.reader.tags
 
     def blocks(self, size: int) -> Iterator[np.ndarray]:
         return self.reader.blocks(size, start=self.first, stop=self.last)

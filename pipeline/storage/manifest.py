@@ -46,6 +46,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("gain_db", pa.float64()),  # the stems' level change, < 0 where they would have clipped
         ("residual_db", pa.float64()),  # mixture minus the stems' sum, against the mixture
         ("flags", pa.list_(pa.string())),  # what to listen to: pipeline.catalog.quality
+        ("tags", pa.map_(pa.string(), pa.string())),  # the source's title, artist... (and stems')
         ("drums_uri", pa.string()),
         ("bass_uri", pa.string()),
         ("other_uri", pa.string()),
